@@ -65,7 +65,8 @@ class Config:
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"{name} must be a {kind.__name__}, not {raw!r}") from None
+                what = "whole number" if kind is int else "number"
+                raise ConfigError(f"{name} must be a {what}, not {raw!r}") from None
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, not {raw!r}")
             return value

@@ -102,12 +102,17 @@ def free_port() -> int:
 class Chatterd:
     """chatterd served by granian in a subprocess, as `granian --interface asgi main:server`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *args: str, command: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "granian", "--interface", "asgi",
-                   "--host", "127.0.0.1", "--port", str(self.port), *args, "main:server"]
+        if command is None:  # how the tutorial's systemd unit starts it
+            command = [sys.executable, "-m", "granian", "--interface", "asgi", *args,
+                       "--host", "127.0.0.1", "--port", str(self.port), "main:server"]
+        else:
+            command = [*command, *args, "--port", str(self.port)]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
@@ -143,9 +148,11 @@ def start_chatterd(tmp_path_factory: pytest.TempPathFactory):
     """Start a chatterd with the given environment; it is stopped at the end of the run."""
     started: list[Chatterd] = []
 
-    def start(env: dict[str, str], *args: str, wait: bool = True) -> Chatterd:
+    def start(
+        env: dict[str, str], *args: str, wait: bool = True, command: list[str] | None = None
+    ) -> Chatterd:
         log_path = tmp_path_factory.mktemp("chatterd") / "server.log"
-        server = Chatterd(env, log_path, *args)
+        server = Chatterd(env, log_path, *args, command=command)
         started.append(server)
         if wait:
             server.wait_ready()
