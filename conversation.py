@@ -157,9 +157,7 @@ class Chat:
         offered = self._offered_tools(request, device_tools)
         device_names = {tool["function"]["name"] for tool in device_tools} - toolbox.TOOLBOX.keys()
         for _ in range(self.max_rounds):
-            reply, device_lines = await self._stream_round(
-                request, messages, offered, device_names, outbox
-            )
+            reply, held = await self._stream_round(request, messages, offered, device_names, outbox)
             if not reply.tool_calls:
                 stored += await self.history.append(
                     request.app_id, [(reply.as_message(), reply.thinking)]
@@ -171,10 +169,11 @@ class Chat:
                 request.app_id, [(call, reply.thinking), *((r, None) for r in results)]
             )
             messages = [*messages, call, *results]
-            if device_lines:
-                # The app runs these and posts the result as a new request.
-                for line in device_lines:
-                    outbox.send("tool_calls", line)
+            if held:
+                # Device calls: the app runs them and posts the results as a new request,
+                # which must find the call stored; so the events go out only now.
+                for event, data in held:
+                    outbox.send(event, data)
                 return
         raise StreamError(
             f"the model was still calling tools after {self.max_rounds} rounds;"
@@ -188,8 +187,12 @@ class Chat:
         offered: list[dict[str, Any]],
         device_names: set[str],
         outbox: Outbox,
-    ) -> tuple[Reply, list[str]]:
-        """Ask Ollama once; relay its lines; return its reply and the lines to forward to the app."""
+    ) -> tuple[Reply, list[tuple[str | None, str]]]:
+        """Ask Ollama once and relay its lines as they come.
+
+        Returns the reply and the events held back: from the first line that calls a
+        device tool on, lines wait until the call is stored (see _converse).
+        """
         body: dict[str, Any] = {
             **request.ollama_fields,
             "model": request.model,
@@ -199,7 +202,7 @@ class Chat:
         if offered:
             body["tools"] = offered
         reply = Reply()
-        device_lines: list[str] = []
+        held: list[tuple[str | None, str]] = []
         async for line in ollama.chat_lines(self.ollama, body):
             try:
                 chunk = json.loads(line)
@@ -210,17 +213,20 @@ class Chat:
             if "error" in chunk:
                 raise StreamError(f"Ollama: {chunk['error']}")
             reply.done = reply.done or chunk.get("done") is True
+            event = None
             message = chunk.get("message")
             if isinstance(message, dict):
                 reply.add(message)
                 calls = message.get("tool_calls")
                 if calls and any(_name(call) in device_names for call in calls):
-                    device_lines.append(_only_device_calls(chunk, line, device_names))
-                    continue
-            outbox.send(None, line)
+                    event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
+            if event or held:
+                held.append((event, line))
+            else:
+                outbox.send(None, line)
         if not reply.done:
             raise StreamError("Ollama's stream ended before its last (done) line")
-        return reply, device_lines
+        return reply, held
 
     def _offered_tools(
         self, request: ChatRequest, device_tools: list[dict[str, Any]]

@@ -109,8 +109,19 @@ class Chatterd:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         if command is None:  # how the tutorial's systemd unit starts it
-            command = [sys.executable, "-m", "granian", "--interface", "asgi", *args,
-                       "--host", "127.0.0.1", "--port", str(self.port), "main:server"]
+            command = [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                "asgi",
+                *args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "main:server",
+            ]
         else:
             command = [*command, *args, "--port", str(self.port)]
         with open(log_path, "wb") as log:

@@ -44,7 +44,9 @@ def parse_events(text: str) -> list[Event]:
     for line in text.replace("\r\n", "\n").split("\n"):
         if not line:
             if "data" in fields:
-                events.append(Event(fields.get("event", "message"), fields["data"], fields.get("id")))
+                events.append(
+                    Event(fields.get("event", "message"), fields["data"], fields.get("id"))
+                )
             fields = {}
             continue
         name, _, value = line.partition(":")
@@ -57,9 +59,12 @@ def post(client: httpx.Client, path: str, body: Any) -> Answer:
     """POST a JSON body and read the whole answer, SSE or JSON."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = client.post(
-        path, content=content,
-        headers={"Content-Type": "application/json; charset=utf-8",
-                 "Accept": "text/event-streaming"},  # the apps' misspelling
+        path,
+        content=content,
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "Accept": "text/event-streaming",
+        },  # the apps' misspelling
     )
     content_type = response.headers.get("content-type", "")
     if content_type.startswith("text/event-stream"):
@@ -67,10 +72,16 @@ def post(client: httpx.Client, path: str, body: Any) -> Answer:
     return Answer(response.status_code, content_type, body=response.json())
 
 
-def chat_body(app_id: str, *contents: str, model: str = "gemma3:270m", role: str = "user",
-              **extra: Any) -> dict[str, Any]:
-    return {"appID": app_id, "model": model, "stream": True,
-            "messages": [{"role": role, "content": content} for content in contents], **extra}
+def chat_body(
+    app_id: str, *contents: str, model: str = "gemma3:270m", role: str = "user", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "appID": app_id,
+        "model": model,
+        "stream": True,
+        "messages": [{"role": role, "content": content} for content in contents],
+        **extra,
+    }
 
 
 def stored(db: psycopg.Connection, app_id: str) -> list[tuple[str, str]]:

@@ -48,8 +48,13 @@ class Received:
     body: Any
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class HTTPStandIn:
@@ -57,6 +62,8 @@ class HTTPStandIn:
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        self.in_flight = 0  # requests being answered now
+        self.most_in_flight = 0  # the most ever answered at once
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         started = threading.Event()
@@ -93,8 +100,13 @@ class HTTPStandIn:
         try:
             while received := await self._read_request(reader):
                 self.received.append(received)
-                if not await self._write(writer, self.answer(received)):
-                    return
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                try:
+                    if not await self._write(writer, self.answer(received)):
+                        return
+                finally:
+                    self.in_flight -= 1
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -126,7 +138,8 @@ class HTTPStandIn:
             writer.write(
                 f"HTTP/1.1 {answer.status} {REASONS.get(answer.status, 'Status')}\r\n"
                 f"Content-Type: application/json; charset=utf-8\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
             )
             await writer.drain()
             return True
@@ -190,12 +203,16 @@ def pieces(text: str, size: int = 3) -> list[str]:
 
 
 def text_stream(model: str, text: str, **stream: Any) -> Stream:
-    return Stream([*(chat_line(model, piece) for piece in pieces(text)), done_line(model)], **stream)
+    return Stream(
+        [*(chat_line(model, piece) for piece in pieces(text)), done_line(model)], **stream
+    )
 
 
 def tool_call(name: str, arguments: dict[str, Any], index: int = 0) -> dict[str, Any]:
-    return {"id": f"call_{name}_{index}", "function": {"index": index, "name": name,
-                                                      "arguments": arguments}}
+    return {
+        "id": f"call_{name}_{index}",
+        "function": {"index": index, "name": name, "arguments": arguments},
+    }
 
 
 def remembering_brain(messages: list[dict[str, Any]]) -> str:
@@ -266,6 +283,7 @@ class OpenMeteoStandIn(HTTPStandIn):
     def reset(self) -> None:
         self.delay, self.forced = 0.0, None
         self.received.clear()
+        self.most_in_flight = 0
 
     def answer(self, received: Received) -> Answer:
         if self.forced is not None:
@@ -276,18 +294,29 @@ class OpenMeteoStandIn(HTTPStandIn):
         except (KeyError, ValueError):
             return Reply(400, {"error": True, "reason": "Parameter 'latitude' is required"})
         if not -90 <= latitude <= 90:
-            return Reply(400, {"error": True,
-                               "reason": f"Latitude must be in range of -90 to 90°. Given: {latitude}."})
+            return Reply(
+                400,
+                {
+                    "error": True,
+                    "reason": f"Latitude must be in range of -90 to 90°. Given: {latitude}.",
+                },
+            )
         return Reply(
             200,
             {
-                "latitude": latitude, "longitude": longitude, "generationtime_ms": 0.07,
-                "utc_offset_seconds": 0, "timezone": "GMT", "timezone_abbreviation": "GMT",
+                "latitude": latitude,
+                "longitude": longitude,
+                "generationtime_ms": 0.07,
+                "utc_offset_seconds": 0,
+                "timezone": "GMT",
+                "timezone_abbreviation": "GMT",
                 "elevation": 256.0,
-                "current_units": {"time": "iso8601", "interval": "seconds",
-                                  "temperature_2m": "°F"},
-                "current": {"time": "2026-11-22T12:00", "interval": 900,
-                            "temperature_2m": temperature_at(latitude, longitude)},
+                "current_units": {"time": "iso8601", "interval": "seconds", "temperature_2m": "°F"},
+                "current": {
+                    "time": "2026-11-22T12:00",
+                    "interval": 900,
+                    "temperature_2m": temperature_at(latitude, longitude),
+                },
             },
             headers_delay=self.delay,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -20,7 +21,9 @@ def test_context_is_carried_across_requests(client, ollama, db, app_id):
     assert second.text() == "You live in Michigan."
     sent = ollama.chats()[-1]["messages"]
     assert [m["content"] for m in sent] == [
-        "I live in Ann Arbor", "You said: I live in Ann Arbor", "In what state do I live?"
+        "I live in Ann Arbor",
+        "You said: I live in Ann Arbor",
+        "In what state do I live?",
     ]
     assert stored(db, app_id)[-1] == ("assistant", "You live in Michigan.")
 
@@ -56,7 +59,7 @@ def test_reply_is_stored_exactly_as_the_model_produced_it(client, ollama, db, ap
     )
     # Split at awkward places, as a tokenizer does: mid-word, before and after whitespace.
     cuts = [0, 1, 5, 9, 13, 14, 22, 30, 31, 38, 44, 45, 52, 60, 61, 70, len(reply)]
-    tokens = [reply[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    tokens = [reply[a:b] for a, b in itertools.pairwise(cuts)]
     ollama.script = lambda received: Stream(
         [*(chat_line("gemma3:270m", token) for token in tokens), done_line("gemma3:270m")]
     )
@@ -92,8 +95,14 @@ def test_many_messages_in_one_request_keep_their_order(client, ollama, db, app_i
 
 def test_ollama_fields_pass_through_and_app_id_does_not(client, ollama, app_id):
     body = chat_body(
-        app_id, "hi", options={"temperature": 0.2, "num_ctx": 4096}, format="json",
-        keep_alive="10m", think=False, stream=False, unknown_field="ignored",
+        app_id,
+        "hi",
+        options={"temperature": 0.2, "num_ctx": 4096},
+        format="json",
+        keep_alive="10m",
+        think=False,
+        stream=False,
+        unknown_field="ignored",
     )
     assert post(client, "/llmchat", body).status == 200
     sent = ollama.chats()[-1]
@@ -106,15 +115,18 @@ def test_ollama_fields_pass_through_and_app_id_does_not(client, ollama, app_id):
 
 
 def test_thinking_is_kept_apart_from_the_reply(client, ollama, db, app_id):
-    ollama.script = lambda received: Stream([
-        chat_line("qwen3:0.6b", "", thinking="The user greets me. "),
-        chat_line("qwen3:0.6b", "", thinking="I greet back."),
-        chat_line("qwen3:0.6b", "Hello!"),
-        done_line("qwen3:0.6b"),
-    ])
+    ollama.script = lambda received: Stream(
+        [
+            chat_line("qwen3:0.6b", "", thinking="The user greets me. "),
+            chat_line("qwen3:0.6b", "", thinking="I greet back."),
+            chat_line("qwen3:0.6b", "Hello!"),
+            done_line("qwen3:0.6b"),
+        ]
+    )
     answer = post(client, "/llmchat", chat_body(app_id, "hi", model="qwen3:0.6b"))
     assert [e.json()["message"].get("thinking") for e in answer.events][:2] == [
-        "The user greets me. ", "I greet back."
+        "The user greets me. ",
+        "I greet back.",
     ]
     row = db.execute(
         "SELECT message, thinking FROM chatts WHERE appid = %s AND username = 'assistant'",
@@ -129,9 +141,13 @@ def test_thinking_is_kept_apart_from_the_reply(client, ollama, db, app_id):
 
 # Validation: 422 (or 400 for a body that is not JSON) with a JSON error, and nothing stored.
 
+
 def _valid() -> dict:
-    return {"appID": "edu.umich.test", "model": "gemma3:270m",
-            "messages": [{"role": "user", "content": "hi"}]}
+    return {
+        "appID": "edu.umich.test",
+        "model": "gemma3:270m",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
 
 
 INVALID = {
@@ -147,14 +163,20 @@ INVALID = {
     "empty messages": ({**_valid(), "messages": []}, "messages"),
     "messages not a list": ({**_valid(), "messages": {"role": "user"}}, "messages"),
     "message not an object": ({**_valid(), "messages": ["hi"]}, "messages[0]"),
-    "unknown role": ({**_valid(), "messages": [{"role": "bot", "content": "x"}]},
-                     "messages[0].role"),
+    "unknown role": (
+        {**_valid(), "messages": [{"role": "bot", "content": "x"}]},
+        "messages[0].role",
+    ),
     "missing role": ({**_valid(), "messages": [{"content": "x"}]}, "messages[0].role"),
-    "content not a string": ({**_valid(), "messages": [{"role": "user", "content": 7}]},
-                             "messages[0].content"),
+    "content not a string": (
+        {**_valid(), "messages": [{"role": "user", "content": 7}]},
+        "messages[0].content",
+    ),
     "missing content": ({**_valid(), "messages": [{"role": "user"}]}, "messages[0].content"),
-    "NUL in content": ({**_valid(), "messages": [{"role": "user", "content": "a\x00b"}]},
-                       "messages[0].content"),
+    "NUL in content": (
+        {**_valid(), "messages": [{"role": "user", "content": "a\x00b"}]},
+        "messages[0].content",
+    ),
     "options not an object": ({**_valid(), "options": "fast"}, "options"),
     "body not an object": ([1, 2], "body"),
 }
@@ -219,8 +241,10 @@ def _failing_stream(last_line: str | None = None, cut_after: int | None = None) 
 @pytest.mark.parametrize(
     ("stream", "says"),
     [
-        (_failing_stream('{"error":"an error was encountered while running the model"}'),
-         "an error was encountered while running the model"),
+        (
+            _failing_stream('{"error":"an error was encountered while running the model"}'),
+            "an error was encountered while running the model",
+        ),
         (_failing_stream("<html>502 Bad Gateway</html>"), "not a JSON object"),
         (_failing_stream(json.dumps(done_line("gemma3:270m")), cut_after=2), "broke mid-stream"),
         (_failing_stream(), "ended before its last (done) line"),
@@ -251,8 +275,10 @@ def test_a_refused_reply_insert_is_an_error_event(client, ollama, db, app_id):
             END IF;
             RETURN NEW;
         END $$ LANGUAGE plpgsql""")
-    db.execute("CREATE OR REPLACE TRIGGER refuse_replies BEFORE INSERT ON chatts"
-               " FOR EACH ROW EXECUTE FUNCTION refuse_replies()")
+    db.execute(
+        "CREATE OR REPLACE TRIGGER refuse_replies BEFORE INSERT ON chatts"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_replies()"
+    )
     try:
         answer = post(client, "/llmchat", chat_body(app_id + ".refuse", "hi"))
     finally:
@@ -286,8 +312,12 @@ def test_no_database_connection_is_held_while_ollama_thinks(
     start_chatterd, database_url, ollama, meteo_standin, app_id
 ):
     """With a pool of one connection, a slow stream must not block another request."""
-    env = {**chatterd_env(database_url, ollama.url, meteo_standin.url),
-           "CHATTERD_DB_POOL_MIN": "1", "CHATTERD_DB_POOL_MAX": "1", "CHATTERD_DB_TIMEOUT": "2"}
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_DB_POOL_MIN": "1",
+        "CHATTERD_DB_POOL_MAX": "1",
+        "CHATTERD_DB_TIMEOUT": "2",
+    }
     server = start_chatterd(env)
 
     def script(received: Received):
@@ -297,9 +327,10 @@ def test_no_database_connection_is_held_while_ollama_thinks(
         return text_stream("gemma3:270m", "quickly")
 
     ollama.script = script
-    with httpx.Client(base_url=server.url, timeout=30) as client, client.stream(
-        "POST", "/llmchat", json=chat_body(app_id + ".slow", "slow")
-    ) as slow:
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/llmchat", json=chat_body(app_id + ".slow", "slow")) as slow,
+    ):
         started = time.monotonic()
         quick = post(client, "/llmchat", chat_body(app_id + ".quick", "fast"))
         elapsed = time.monotonic() - started
@@ -308,4 +339,3 @@ def test_no_database_connection_is_held_while_ollama_thinks(
     assert quick.status == 200 and quick.text() == "quickly"
     assert elapsed < 4  # answered while the slow stream was still waiting on Ollama
     assert "".join(e.json()["message"]["content"] for e in slow_events) == "slowly"
-

@@ -9,7 +9,8 @@ from standins import Reply, Stream
 
 LINES = [
     '{"model":"gemma3:270m","created_at":"2026-11-22T12:00:00.1Z","response":"Ann","done":false}',
-    '{"model":"gemma3:270m","created_at":"2026-11-22T12:00:00.2Z","response":" Arbor\\n\\tis","done":false}',
+    '{"model":"gemma3:270m","created_at":"2026-11-22T12:00:00.2Z",'
+    '"response":" Arbor\\n\\tis","done":false}',
     '{"model":"gemma3:270m","created_at":"2026-11-22T12:00:00.3Z","response":"","done":true,'
     '"done_reason":"stop","context":[1,2,3],"total_duration":1,"eval_count":3}',
 ]

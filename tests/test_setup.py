@@ -1,4 +1,4 @@
-"""Starting chatterd: the `chatterd` command, the embedded PostgreSQL, the schema and its migration."""
+"""Starting chatterd: its command, the embedded PostgreSQL, the schema and its migration."""
 
 from __future__ import annotations
 
@@ -19,26 +19,38 @@ def test_chatterd_command_serves_on_embedded_postgres_and_keeps_data(
     start_chatterd, tmp_path, ollama, meteo_standin
 ):
     data_dir = tmp_path / "data"
-    env = {"DATABASE_URL": "", "CHATTERD_DATA_DIR": str(data_dir),
-           "OLLAMA_BASE_URL": ollama.url, "OPEN_METEO_URL": f"{meteo_standin.url}/v1/forecast"}
+    env = {
+        "DATABASE_URL": "",
+        "CHATTERD_DATA_DIR": str(data_dir),
+        "OLLAMA_BASE_URL": ollama.url,
+        "OPEN_METEO_URL": f"{meteo_standin.url}/v1/forecast",
+    }
 
     first = start_chatterd(env, command=[CHATTERD])
     with httpx.Client(base_url=first.url, timeout=30) as client:
-        assert post(client, "/llmchat", chat_body("edu.umich.embedded", "I live in Ann Arbor")
-                    ).status == 200
+        assert (
+            post(client, "/llmchat", chat_body("edu.umich.embedded", "I live in Ann Arbor")).status
+            == 200
+        )
     assert first.stop() == 0
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()  # PostgreSQL was stopped
 
     second = start_chatterd(env, command=[CHATTERD])
     with httpx.Client(base_url=second.url, timeout=30) as client:
-        answer = post(client, "/llmchat", chat_body("edu.umich.embedded", "In what state do I live?"))
+        answer = post(
+            client, "/llmchat", chat_body("edu.umich.embedded", "In what state do I live?")
+        )
     assert answer.text() == "You live in Michigan."
 
 
 def test_a_bad_setting_stops_chatterd_with_a_clear_message():
     result = subprocess.run(
-        [CHATTERD, "--port", "1"], env={"PATH": "/usr/bin:/bin", "CHATTERD_DB_POOL_MAX": "ten"},
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        [CHATTERD, "--port", "1"],
+        env={"PATH": "/usr/bin:/bin", "CHATTERD_DB_POOL_MAX": "ten"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert result.returncode != 0
     assert "CHATTERD_DB_POOL_MAX must be a whole number, not 'ten'" in result.stderr
@@ -46,7 +58,10 @@ def test_a_bad_setting_stops_chatterd_with_a_clear_message():
 
 def test_an_unreachable_database_stops_chatterd_with_a_clear_message(start_chatterd, ollama):
     server = start_chatterd(
-        {"DATABASE_URL": "postgresql://chatterd@127.0.0.1:1/chatterdb", "OLLAMA_BASE_URL": ollama.url},
+        {
+            "DATABASE_URL": "postgresql://chatterd@127.0.0.1:1/chatterdb",
+            "OLLAMA_BASE_URL": ollama.url,
+        },
         wait=False,
     )
     assert server.process.wait(60) != 0
@@ -97,7 +112,9 @@ def test_a_tutorial_table_is_migrated_in_place(
 
         server = start_chatterd(chatterd_env(url, ollama.url, meteo_standin.url))
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            answer = post(client, "/llmchat", chat_body("edu.umich.tutorial", "In what state do I live?"))
+            answer = post(
+                client, "/llmchat", chat_body("edu.umich.tutorial", "In what state do I live?")
+            )
         server.stop()
 
         assert answer.text() == "You live in Michigan."
