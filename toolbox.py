@@ -136,7 +136,8 @@ def _convert(name: str, kind: str | None, value: Any) -> Any:
             return value
     else:  # the schema does not constrain it
         return value
-    raise ToolError(f"argument {name} must be a {kind}, not {value!r}")
+    expected = {"string": "a string", "number": "a number", "integer": "an integer"}
+    raise ToolError(f"argument {name} must be {expected.get(kind, 'true or false')}, not {value!r}")
 
 
 def _parse_number(value: Any) -> float | None:

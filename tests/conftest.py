@@ -23,6 +23,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+
 from standins import OllamaStandIn, OpenMeteoStandIn
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from conftest import chatterd_env, free_port
 from sse import chat_body, parse_events, post, stored
 from standins import Received, Reply, Stream, chat_line, done_line, text_stream

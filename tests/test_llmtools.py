@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+
 from conftest import chatterd_env
 from sse import chat_body, post, stored
 from standins import (

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+
 from conftest import ROOT, chatterd_env, fresh_schema
 from sse import chat_body, post
 
