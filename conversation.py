@@ -11,7 +11,8 @@ completed and stored, so the next request sees a whole history.
 
 A turn is all or nothing: when it fails (Ollama refuses or breaks off, a line is not JSON,
 the database refuses the reply, the round limit is reached), the rows it wrote are
-removed again, so the stored conversation is as it was before the request.
+removed again, so the stored conversation is as it was before the request. Turns of one
+appID run one at a time, across all workers, under a lease kept in the database.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,8 @@ from history import History, StoreError
 from ollama import Message, OllamaError, Reply
 
 log = logging.getLogger("chatterd")
+
+LEASE_SECONDS = 30.0  # how long a conversation lease outlives a holder that died
 
 
 @dataclass
@@ -57,6 +62,12 @@ class StreamError(Exception):
     """Ollama's stream said something chatterd cannot relay as a reply."""
 
     status = 502
+
+
+class ConversationBusy(Exception):
+    """Another request for the same appID held the conversation for too long."""
+
+    status = 409
 
 
 class Outbox:
@@ -100,8 +111,10 @@ class Chat:
         ollama_client: httpx.AsyncClient,
         tool_env: toolbox.ToolEnv,
         max_rounds: int,
+        lease_wait: float,
     ) -> None:
         self.history = history
+        self.lease_wait = lease_wait
         self.ollama = ollama_client
         self.tool_env = tool_env
         self.max_rounds = max_rounds
@@ -125,6 +138,22 @@ class Chat:
             await asyncio.wait(unfinished)
 
     async def _run(self, request: ChatRequest, outbox: Outbox) -> None:
+        try:
+            async with self._lease(request.app_id):
+                await self._turn(request, outbox)
+        except (ConversationBusy, StoreError) as exc:
+            outbox.fail(exc.status, str(exc))
+        except asyncio.CancelledError:
+            outbox.fail(503, "chatterd is shutting down; the reply was not stored")
+            raise
+        except Exception:
+            log.exception("chat pipeline failed")
+            outbox.fail(500, "internal error in chatterd")
+        finally:
+            outbox.close()
+
+    async def _turn(self, request: ChatRequest, outbox: Outbox) -> None:
+        """One turn, all or nothing: on failure the rows it wrote are removed again."""
         stored: list[int] = []  # grows as the turn writes rows; _converse appends to it
         try:
             turn = await self.history.record(
@@ -135,16 +164,46 @@ class Chat:
         except (OllamaError, StoreError, StreamError) as exc:
             await self._undo(request.app_id, stored)
             outbox.fail(exc.status, str(exc))
-        except asyncio.CancelledError:
-            outbox.fail(503, "chatterd is shutting down; the reply was not stored")
+        except BaseException:
             await asyncio.shield(self._undo(request.app_id, stored))
             raise
-        except Exception:
-            log.exception("chat pipeline failed")
-            await self._undo(request.app_id, stored)
-            outbox.fail(500, "internal error in chatterd")
+
+    @asynccontextmanager
+    async def _lease(self, app_id: str) -> AsyncIterator[None]:
+        """Hold the conversation's lease: one turn at a time per appID, across all workers.
+
+        Waits up to `lease_wait` seconds for a turn in progress to finish. The lease lives
+        in the database, not in a held connection, and is renewed while the turn runs.
+        """
+        holder = uuid.uuid4()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_wait
+        pause = 0.02
+        while not await self.history.take_lease(app_id, holder, LEASE_SECONDS):
+            if loop.time() >= deadline:
+                raise ConversationBusy(
+                    f"another request for this appID has been running for over"
+                    f" {self.lease_wait:g} s; try again when it has finished"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        renewal = asyncio.create_task(self._renew(app_id, holder))
+        try:
+            yield
         finally:
-            outbox.close()
+            renewal.cancel()
+            try:
+                await asyncio.shield(self.history.drop_lease(app_id, holder))
+            except StoreError as exc:  # it expires by itself
+                log.warning("could not release a conversation lease: %s", exc)
+
+    async def _renew(self, app_id: str, holder: uuid.UUID) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                await self.history.take_lease(app_id, holder, LEASE_SECONDS)
+            except StoreError as exc:
+                log.warning("could not renew a conversation lease: %s", exc)
 
     async def _converse(
         self,

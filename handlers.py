@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,6 +26,12 @@ MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
 OLLAMA_FIELDS = ("options", "format", "keep_alive", "think")
 
 
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int
+    max_messages: int
+
+
 class ClientError(Exception):
     def __init__(self, status: int, error: str) -> None:
         super().__init__(error)
@@ -36,8 +43,23 @@ def invalid(error: str) -> ClientError:
     return ClientError(422, error)
 
 
-async def read_json(request: Request) -> Any:
-    body = await request.body()
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over the limit."""
+    limit = request.app.state.limits.max_body_bytes
+    too_large = ClientError(413, f"the body is larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except UnicodeDecodeError:
@@ -46,16 +68,17 @@ async def read_json(request: Request) -> Any:
         raise ClientError(400, f"the body is not valid JSON: {exc}") from None
 
 
+async def read_json(request: Request) -> Any:
+    return parse_json(await read_body(request))
+
+
 # POST /llmprompt
 
 
 async def llmprompt(request: Request) -> Response:
     """Relay Ollama's /api/generate, byte for byte, as it streams."""
-    body = await request.body()
-    try:
-        prompt = json.loads(body)
-    except ValueError as exc:
-        raise ClientError(400, f"the body is not valid JSON: {exc}") from None
+    body = await read_body(request)
+    prompt = parse_json(body)
     if not isinstance(prompt, dict):
         raise invalid("body: must be a JSON object")
     client: httpx.AsyncClient = request.app.state.ollama
@@ -81,14 +104,16 @@ async def llmprompt(request: Request) -> Response:
 
 
 async def llmchat(request: Request) -> Response:
-    return await _converse(request, parse_chat(await read_json(request), with_tools=False))
+    return await _converse(request, with_tools=False)
 
 
 async def llmtools(request: Request) -> Response:
-    return await _converse(request, parse_chat(await read_json(request), with_tools=True))
+    return await _converse(request, with_tools=True)
 
 
-async def _converse(request: Request, chat_request: ChatRequest) -> Response:
+async def _converse(request: Request, *, with_tools: bool) -> Response:
+    limits: Limits = request.app.state.limits
+    chat_request = parse_chat(await read_json(request), limits, with_tools=with_tools)
     chat: Chat = request.app.state.chat
     outbox = chat.start(chat_request)
     first = await outbox.first()
@@ -112,7 +137,7 @@ def sse(event: str | None, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-def parse_chat(body: Any, *, with_tools: bool) -> ChatRequest:
+def parse_chat(body: Any, limits: Limits, *, with_tools: bool) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("body: must be a JSON object")
     app_id = body.get("appID")
@@ -124,8 +149,11 @@ def parse_chat(body: Any, *, with_tools: bool) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: must be a non-empty list of messages")
+    if len(messages) > limits.max_messages:
+        raise invalid(f"messages: at most {limits.max_messages} in one request")
     declared = parse_tools(body.get("tools")) if with_tools else None
     check_text("appID", app_id)
+    check_text("model", model)
     return ChatRequest(
         app_id=app_id,
         model=model,
@@ -149,6 +177,7 @@ def parse_message(index: int, message: Any) -> Message:
     tool_name = message.get("tool_name")
     if tool_name is not None and (role != "tool" or not isinstance(tool_name, str)):
         raise invalid(f"{where}.tool_name: must be a string, on a tool message")
+    check_text(f"{where}.tool_name", tool_name)
     return Message(role, content, tool_name=tool_name)
 
 
@@ -165,6 +194,8 @@ def parse_ollama_fields(body: dict[str, Any]) -> dict[str, Any]:
         isinstance(keep_alive, bool) or not isinstance(keep_alive, str | int | float)
     ):
         raise invalid('keep_alive: must be a duration such as "5m" or a number of seconds')
+    for name, value in fields.items():
+        check_text(name, value)
     return fields
 
 
@@ -179,7 +210,6 @@ def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise invalid(f"tools[{i}].function.name: must be a non-empty string")
-        check_text(f"tools[{i}].function.name", name)
         if name in toolbox.TOOLBOX:
             raise invalid(f"tools[{i}]: {name!r} is a resident tool's name; choose another")
         if tool.get("type", "function") != "function":
@@ -187,12 +217,27 @@ def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise invalid(f"tools[{i}].function.parameters: must be an object or null")
+        check_text(f"tools[{i}]", tool)
     return tools
 
 
-def check_text(where: str, text: str) -> None:
-    if "\x00" in text:
-        raise invalid(f"{where}: must not contain the NUL character")
+def check_text(where: str, value: Any) -> None:
+    """Refuse text PostgreSQL cannot store: NUL characters and lone UTF-16 surrogates."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise invalid(f"{where}: must not contain the NUL character")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise invalid(f"{where}: must not contain a lone surrogate (\\ud800)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(where, key)
+            check_text(where, item)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(where, item)
 
 
 # GET /weather

@@ -7,6 +7,7 @@ returning, so no connection is ever held while the model is talking.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,33 @@ class History:
                 )
         except psycopg.Error as exc:
             raise StoreError(f"the database could not undo the turn: {_reason(exc)}") from exc
+
+    async def take_lease(self, app_id: str, holder: uuid.UUID, seconds: float) -> bool:
+        """Take the conversation's lease if nobody holds it (or the holder's has expired)."""
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    "INSERT INTO conversation_leases AS lease (appid, holder, expires)"
+                    " VALUES (%s, %s, now() + make_interval(secs => %s))"
+                    " ON CONFLICT (appid) DO UPDATE"
+                    " SET holder = EXCLUDED.holder, expires = EXCLUDED.expires"
+                    " WHERE lease.expires < now() OR lease.holder = EXCLUDED.holder"
+                    " RETURNING holder",
+                    (app_id, holder, seconds),
+                )
+                return await cursor.fetchone() is not None
+        except psycopg.Error as exc:
+            raise StoreError(f"the database is unavailable: {_reason(exc)}") from exc
+
+    async def drop_lease(self, app_id: str, holder: uuid.UUID) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "DELETE FROM conversation_leases WHERE appid = %s AND holder = %s",
+                    (app_id, holder),
+                )
+        except psycopg.Error as exc:
+            raise StoreError(f"the database is unavailable: {_reason(exc)}") from exc
 
     async def _insert_rows(
         self,

@@ -54,6 +54,9 @@ class Config:
     ollama_max_connections: int
     weather_timeout: float
     max_tool_rounds: int
+    conversation_wait: float
+    max_body_bytes: int
+    max_messages: int
     shutdown_grace: float
 
     @classmethod
@@ -89,6 +92,9 @@ class Config:
             ollama_max_connections=number("CHATTERD_OLLAMA_MAX_CONNECTIONS", 1000, int),
             weather_timeout=number("CHATTERD_WEATHER_TIMEOUT", 10.0),
             max_tool_rounds=number("CHATTERD_MAX_TOOL_ROUNDS", 8, int),
+            conversation_wait=number("CHATTERD_CONVERSATION_WAIT", 120.0),
+            max_body_bytes=number("CHATTERD_MAX_BODY_BYTES", 1024 * 1024, int),
+            max_messages=number("CHATTERD_MAX_MESSAGES", 500, int),
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
         )
 
@@ -143,8 +149,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         weather_client = httpx.AsyncClient(timeout=config.weather_timeout)
         tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
         chat = Chat(
-            history.History(pool, role_column), ollama_client, tool_env, config.max_tool_rounds
+            history.History(pool, role_column),
+            ollama_client,
+            tool_env,
+            max_rounds=config.max_tool_rounds,
+            lease_wait=config.conversation_wait,
         )
+        app.state.limits = handlers.Limits(config.max_body_bytes, config.max_messages)
         app.state.ollama = ollama_client
         app.state.tool_env = tool_env
         app.state.chat = chat

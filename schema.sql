@@ -57,3 +57,11 @@ CREATE TABLE IF NOT EXISTS device_tools (
     declaration jsonb NOT NULL,
     PRIMARY KEY (appid, name)
 );
+
+-- One writer per conversation: a request holds its appID's lease while its turn runs, and
+-- renews it; a lease whose holder died expires by itself.
+CREATE TABLE IF NOT EXISTS conversation_leases (
+    appid   varchar(155) PRIMARY KEY,
+    holder  uuid NOT NULL,
+    expires timestamptz NOT NULL
+);
