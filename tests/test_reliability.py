@@ -1,4 +1,4 @@
-"""Hostile input, faults and concurrency: a clear answer, a whole conversation, a server still up."""
+"""Hostile input, faults, concurrency: a clear answer, a whole conversation, a server still up."""
 
 from __future__ import annotations
 
