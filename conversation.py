@@ -218,22 +218,22 @@ class Chat:
         for _ in range(self.max_rounds):
             reply, held = await self._stream_round(request, messages, offered, device_names, outbox)
             if not reply.tool_calls:
-                stored += await self.history.append(
-                    request.app_id, [(reply.as_message(), reply.thinking)]
+                await self.history.complete(
+                    request.app_id, [(reply.as_message(), reply.thinking)], stored
                 )
                 return
             results = await self._run_tools(reply.tool_calls, device_names)
             call = reply.as_message()
-            stored += await self.history.append(
-                request.app_id, [(call, reply.thinking), *((r, None) for r in results)]
-            )
-            messages = [*messages, call, *results]
+            rows = [(call, reply.thinking), *((result, None) for result in results)]
             if held:
                 # Device calls: the app runs them and posts the results as a new request,
                 # which must find the call stored; so the events go out only now.
+                await self.history.complete(request.app_id, rows, stored)
                 for event, data in held:
                     outbox.send(event, data)
                 return
+            stored += await self.history.append(request.app_id, rows)
+            messages = [*messages, call, *results]
         raise StreamError(
             f"the model was still calling tools after {self.max_rounds} rounds;"
             " the turn was stopped and not stored"

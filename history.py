@@ -2,6 +2,10 @@
 
 Every method takes a pooled connection for its own statements and gives it back before
 returning, so no connection is ever held while the model is talking.
+
+A turn's rows are written as `pending` and become part of the conversation only when the
+turn completes (`complete`), in one transaction with its last rows. Pending rows are
+never read as history; those a dead process left behind are removed by the next turn.
 """
 
 from __future__ import annotations
@@ -77,19 +81,24 @@ class History:
         self.pool = pool
         role = sql.Identifier(role_column)
         self._select = sql.SQL(
-            "SELECT {role}, message, toolcalls, toolname FROM chatts WHERE appid = %s ORDER BY seq"
+            "SELECT {role}, message, toolcalls, toolname FROM chatts"
+            " WHERE appid = %s AND NOT pending ORDER BY seq"
         ).format(role=role)
         self._insert = sql.SQL(
-            "INSERT INTO chatts (appid, {role}, message, thinking, toolcalls, toolname)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING seq"
+            "INSERT INTO chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)"
+            " VALUES (%s, %s, %s, %s, %s, %s, true) RETURNING seq"
         ).format(role=role)
 
     async def record(
         self, app_id: str, incoming: list[Message], device_tools: list[dict[str, Any]] | None
     ) -> Turn:
-        """Store a request's messages (and device tools) and read back the whole conversation."""
+        """Store a request's messages (and device tools) and read back the whole conversation.
+
+        The caller holds the conversation's lease, so pending rows are a dead turn's.
+        """
         try:
             async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute("DELETE FROM chatts WHERE appid = %s AND pending", (app_id,))
                 history = [
                     _message(row)
                     for row in await (await conn.execute(self._select, (app_id,))).fetchall()
@@ -108,10 +117,24 @@ class History:
         return Turn([*history, *incoming], tools, stored)
 
     async def append(self, app_id: str, messages: list[tuple[Message, str | None]]) -> list[int]:
-        """Store messages, each with the model's thinking (or None); return their seqs."""
+        """Store a turn's messages, each with the model's thinking (or None); return their seqs."""
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 return await self._insert_rows(conn, app_id, messages)
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not store the reply: {_reason(exc)}") from exc
+
+    async def complete(
+        self, app_id: str, messages: list[tuple[Message, str | None]], turn: list[int]
+    ) -> None:
+        """Store a turn's last messages and make the whole turn part of the conversation."""
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                turn = turn + await self._insert_rows(conn, app_id, messages)
+                await conn.execute(
+                    "UPDATE chatts SET pending = false WHERE appid = %s AND seq = ANY(%s)",
+                    (app_id, turn),
+                )
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the reply: {_reason(exc)}") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -203,12 +204,27 @@ server = Starlette(
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`chatterd [granian options]`: serve main:server with granian's own flags and defaults."""
+    """`chatterd [granian options]`: serve main:server with granian's own flags and defaults.
+
+    Without DATABASE_URL, the embedded PostgreSQL is started here, once, and the workers
+    inherit its URL; it is stopped when granian returns. Workers that are still streaming
+    `CHATTERD_SHUTDOWN_GRACE` seconds after SIGTERM are killed (granian's
+    `--workers-kill-timeout`), and their unfinished turns are left out of the history.
+    """
     from granian.cli import cli as granian
 
     args = sys.argv[1:] if argv is None else argv
     try:
-        Config.from_env(os.environ)  # fail before spawning workers when the config is wrong
+        config = Config.from_env(os.environ)  # fail before spawning workers when it is wrong
     except ConfigError as exc:
         sys.exit(f"chatterd: {exc}")
-    granian.main(args=["--interface", "asgi", *args, "main:server"], prog_name="chatterd")
+    if "--workers-kill-timeout" not in args:
+        args = ["--workers-kill-timeout", str(math.ceil(config.shutdown_grace)), *args]
+    embedded = None
+    if config.database_url is None:
+        embedded, os.environ["DATABASE_URL"] = start_embedded_postgres(config.data_dir)
+    try:
+        granian.main(args=["--interface", "asgi", *args, "main:server"], prog_name="chatterd")
+    finally:
+        if embedded is not None:
+            embedded.cleanup()

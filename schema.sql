@@ -25,6 +25,9 @@ ALTER TABLE chatts ADD COLUMN IF NOT EXISTS toolschemas text;
 -- and the tool a `tool` message answers.
 ALTER TABLE chatts ADD COLUMN IF NOT EXISTS thinking text;
 ALTER TABLE chatts ADD COLUMN IF NOT EXISTS toolname text;
+-- Rows of a turn still in progress: not part of the conversation until the turn completes,
+-- so a turn cut off by a crash or a kill leaves no trace in the history.
+ALTER TABLE chatts ADD COLUMN IF NOT EXISTS pending boolean NOT NULL DEFAULT false;
 
 -- `seq` orders messages: rows written in one transaction share now(), so `time` cannot.
 -- Existing rows are numbered once, by time and then by their order on disk.

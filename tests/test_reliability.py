@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -14,6 +17,8 @@ import pytest
 from conftest import chatterd_env
 from sse import chat_body, parse_events, post, stored
 from standins import Received, Stream, chat_line, done_line, remembering_brain, text_stream
+
+CHATTERD = str(Path(sys.executable).parent / "chatterd")
 
 # Bad input
 
@@ -308,3 +313,57 @@ def test_many_conversations_at_once_stay_whole_and_in_order(
         for turn in range(turns):
             expected += [("user", f"turn {turn}"), ("assistant", f"You said: turn {turn}")]
         assert stored(db, f"{prefix}.{i}") == expected
+
+
+def test_a_stream_cut_off_by_shutdown_is_left_out_of_the_history(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    """Past CHATTERD_SHUTDOWN_GRACE the worker is killed; its unfinished turn is not history."""
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_SHUTDOWN_GRACE": "1",
+    }
+    server = start_chatterd(env, command=[CHATTERD])
+    client = httpx.Client(base_url=server.url, timeout=30)
+    post(client, "/llmchat", chat_body(app_id, "I live in Ann Arbor"))
+    before = conversation(db, app_id)
+    ollama.script = lambda received: Stream(
+        [*(chat_line("gemma3:270m", f"w{i} ") for i in range(100)), done_line("gemma3:270m")],
+        gap=0.1,
+    )
+    started = time.monotonic()
+    with client.stream("POST", "/llmchat", json=chat_body(app_id, "count")) as response:
+        lines = response.iter_lines()
+        next(lines)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in lines:
+                pass
+        stopper.join()
+    client.close()
+
+    assert time.monotonic() - started < 8  # not the 10 s the stream would have taken
+    assert conversation(db, app_id) == before
+
+
+def test_rows_a_dead_turn_left_are_not_history_and_are_cleared(client, ollama, db, app_id):
+    post(client, "/llmchat", chat_body(app_id, "I live in Ann Arbor"))
+    db.execute(  # what a process killed mid-turn leaves behind
+        "INSERT INTO chatts (appid, username, message, pending) VALUES (%s, 'user', %s, true)",
+        (app_id, "a question whose turn died"),
+    )
+    answer = post(client, "/llmchat", chat_body(app_id, "In what state do I live?"))
+    assert answer.text() == "You live in Michigan."
+    assert "a question whose turn died" not in [
+        m["content"] for m in ollama.chats()[-1]["messages"]
+    ]
+    assert "a question whose turn died" not in [content for _, content in stored(db, app_id)]
+
+
+def conversation(db: psycopg.Connection, app_id: str) -> list[tuple[str, str]]:
+    """The rows that make up the conversation: those of completed turns."""
+    return db.execute(
+        "SELECT username, message FROM chatts WHERE appid = %s AND NOT pending ORDER BY seq",
+        (app_id,),
+    ).fetchall()
