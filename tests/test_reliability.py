@@ -367,3 +367,12 @@ def conversation(db: psycopg.Connection, app_id: str) -> list[tuple[str, str]]:
         "SELECT username, message FROM chatts WHERE appid = %s AND NOT pending ORDER BY seq",
         (app_id,),
     ).fetchall()
+
+
+def test_message_contents_are_not_logged(client, chatterd, ollama, app_id):
+    secret = "my card number is 4111 1111 1111 1111"
+    post(client, "/llmchat", chat_body(app_id, secret))
+    ollama.script = lambda received: Stream(['{"error":"model crashed"}'])
+    post(client, "/llmchat", chat_body(app_id, secret))
+    post(client, "/llmchat", chat_body(app_id + "\x00", secret))
+    assert "4111" not in chatterd.log()
