@@ -120,6 +120,11 @@ class Chat:
         self.max_rounds = max_rounds
         self._running: set[asyncio.Task[None]] = set()
 
+    @property
+    def running(self) -> int:
+        """How many pipelines are running, streamed to a client or not."""
+        return len(self._running)
+
     def start(self, request: ChatRequest) -> Outbox:
         outbox = Outbox()
         task = asyncio.create_task(self._run(request, outbox))

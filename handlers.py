@@ -114,6 +114,9 @@ async def llmtools(request: Request) -> Response:
 async def _converse(request: Request, *, with_tools: bool) -> Response:
     limits: Limits = request.app.state.limits
     chat_request = parse_chat(await read_json(request), limits, with_tools=with_tools)
+    request.state.app_id = chat_request.app_id
+    if request.app.state.config.log_content:
+        request.state.content = [message.content for message in chat_request.messages]
     chat: Chat = request.app.state.chat
     outbox = chat.start(chat_request)
     first = await outbox.first()
@@ -277,3 +280,27 @@ def parse_coordinate(where: Any, name: str) -> float:
     if not math.isfinite(number):
         raise invalid(f"{name}: must be a finite number")
     return number
+
+
+# GET /health and GET /openapi.json
+
+
+async def health(request: Request) -> Response:
+    """200 while the database answers, 503 when it doesn't; Ollama's state is reported."""
+    chat: Chat = request.app.state.chat
+    database = await chat.history.status()
+    ollama_state = await ollama.version(request.app.state.ollama)
+    healthy = database["reachable"] and ollama_state["reachable"]
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "database": database,
+        "ollama": ollama_state,
+        "streams": chat.running,
+    }
+    return JSONResponse(body, 200 if database["reachable"] else 503)
+
+
+async def openapi_json(request: Request) -> Response:
+    import openapi
+
+    return JSONResponse(openapi.document())

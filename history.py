@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg_pool
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -150,6 +151,18 @@ class History:
         except psycopg.Error as exc:
             raise StoreError(f"the database could not undo the turn: {_reason(exc)}") from exc
 
+    async def status(self) -> dict[str, Any]:
+        """Whether the database answers, and how many pooled connections are in use."""
+        try:
+            async with self.pool.connection(timeout=3) as conn:
+                await conn.execute("SELECT 1")
+            report: dict[str, Any] = {"reachable": True}
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            report = {"reachable": False, "error": _reason(exc)}
+        stats = self.pool.get_stats()
+        report["connections_in_use"] = stats["pool_size"] - stats["pool_available"]
+        return report
+
     async def take_lease(self, app_id: str, holder: uuid.UUID, seconds: float) -> bool:
         """Take the conversation's lease if nobody holds it (or the holder's has expired)."""
         try:
@@ -242,5 +255,6 @@ def _tool_calls(stored: str | None) -> list[dict[str, Any]] | None:
 
 def _reason(exc: psycopg.Error) -> str:
     """A one-line reason without SQL text: the server's primary message, or the error's kind."""
-    primary = exc.diag.message_primary if exc.diag else None
+    diag = getattr(exc, "diag", None)
+    primary = diag.message_primary if diag else None
     return primary or type(exc).__name__

@@ -23,6 +23,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -31,6 +32,7 @@ import handlers
 import history
 import toolbox
 from conversation import Chat
+from middleware import AccessLog, RequireAPIKey, configure_logging
 
 log = logging.getLogger("chatterd")
 
@@ -59,6 +61,9 @@ class Config:
     max_body_bytes: int
     max_messages: int
     shutdown_grace: float
+    api_keys: tuple[str, ...]
+    log_format: str
+    log_content: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -73,6 +78,12 @@ class Config:
                 raise ConfigError(f"{name} must be a {what}, not {raw!r}") from None
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, not {raw!r}")
+            return value
+
+        def choice(name: str, allowed: tuple[str, ...]) -> str:
+            value = env.get(name, "").strip().lower() or allowed[0]
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
             return value
 
         ollama_url = env.get("OLLAMA_BASE_URL", "").strip() or "http://localhost:11434"
@@ -97,6 +108,11 @@ class Config:
             max_body_bytes=number("CHATTERD_MAX_BODY_BYTES", 1024 * 1024, int),
             max_messages=number("CHATTERD_MAX_MESSAGES", 500, int),
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
+            api_keys=tuple(
+                key.strip() for key in env.get("CHATTERD_API_KEYS", "").split(",") if key.strip()
+            ),
+            log_format=choice("CHATTERD_LOG_FORMAT", ("text", "json")),
+            log_content=choice("CHATTERD_LOG_CONTENT", ("0", "1")) == "1",
         )
 
 
@@ -121,6 +137,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         raise SystemExit(f"chatterd: {exc}") from None
+    configure_logging(config.log_format)
+    app.state.config = config
     embedded = None
     database_url = config.database_url
     if database_url is None:
@@ -193,7 +211,10 @@ server = Starlette(
         Route("/llmchat", handlers.llmchat, methods=["POST"]),
         Route("/llmtools", handlers.llmtools, methods=["POST"]),
         Route("/weather", handlers.weather, methods=["GET"]),
+        Route("/health", handlers.health, methods=["GET"]),
+        Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
     ],
+    middleware=[Middleware(AccessLog), Middleware(RequireAPIKey)],
     exception_handlers={
         handlers.ClientError: client_error,
         HTTPException: http_error,
@@ -214,12 +235,23 @@ def cli(argv: list[str] | None = None) -> None:
     from granian.cli import cli as granian
 
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["gencert"]:
+        import certificates
+
+        certificates.gencert(args[1:])
+        return
     try:
         config = Config.from_env(os.environ)  # fail before spawning workers when it is wrong
     except ConfigError as exc:
         sys.exit(f"chatterd: {exc}")
     if "--workers-kill-timeout" not in args:
         args = ["--workers-kill-timeout", str(math.ceil(config.shutdown_grace)), *args]
+    if "--ssl-protocol-min" not in args:
+        args = [
+            "--ssl-protocol-min",
+            "tls1.2",
+            *args,
+        ]  # granian's default, 1.3, shuts out older phones
     embedded = None
     if config.database_url is None:
         embedded, os.environ["DATABASE_URL"] = start_embedded_postgres(config.data_dir)

@@ -109,6 +109,16 @@ async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Respo
     raise OllamaError(response.status_code, error_text(error_body, response.status_code))
 
 
+async def version(client: httpx.AsyncClient) -> dict[str, Any]:
+    """Whether Ollama answers, and its version."""
+    try:
+        response = await client.get("/api/version", timeout=3)
+        response.raise_for_status()
+        return {"reachable": True, "version": response.json().get("version")}
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return {"reachable": False, "error": type(exc).__name__}
+
+
 async def chat_lines(client: httpx.AsyncClient, request: dict[str, Any]) -> AsyncIterator[str]:
     """Stream `/api/chat`, one NDJSON line at a time, exactly as Ollama wrote it.
 

@@ -243,6 +243,8 @@ class OllamaStandIn(HTTPStandIn):
         return [r.body for r in self.received if r.path == "/api/chat"]
 
     def answer(self, received: Received) -> Answer:
+        if received.path == "/api/version":
+            return Reply(200, {"version": "0.33.0"})
         if received.path not in ("/api/chat", "/api/generate"):
             return Reply(404, "404 page not found")
         body = received.body

@@ -1,0 +1,133 @@
+"""What wraps every request: the optional API-key check and the access log.
+
+Both are plain ASGI middleware, so streamed responses pass through untouched. They read
+their settings from the app's Config, which the lifespan puts on `app.state`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("chatterd.access")
+
+OPEN_PATHS = ("/health",)  # answered without an API key, for load balancers and monitors
+
+
+class RequireAPIKey:
+    """With CHATTERD_API_KEYS set, every route but /health needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys: tuple[str, ...] = (
+            scope["app"].state.config.api_keys if scope["type"] == "http" else ()
+        )
+        if keys and scope["path"] not in OPEN_PATHS and not _authorized(scope, keys):
+            response = JSONResponse(
+                {"error": "an API key is required: send the header Authorization: Bearer <key>"},
+                401,
+                headers={"WWW-Authenticate": 'Bearer realm="chatterd"'},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _authorized(scope: Scope, keys: tuple[str, ...]) -> bool:
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return False
+    # Compare with every key, in constant time, so timing tells nothing about them.
+    matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
+    return any(matches)
+
+
+class AccessLog:
+    """One line per request, once its response has ended: method, path, status, duration, appID.
+
+    Handlers put the appID in `request.state.app_id`. Message contents are not logged
+    unless CHATTERD_LOG_CONTENT is set, when handlers put them in `request.state.content`.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before answering
+        state = scope.setdefault("state", {})
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+            if "app_id" in state:
+                fields["app_id"] = state["app_id"]
+            if "content" in state:
+                fields["content"] = state["content"]
+            json_lines = scope["app"].state.config.log_format == "json"
+            access_log.info(_as_json(fields) if json_lines else _as_text(fields))
+
+
+def _as_json(fields: dict[str, object]) -> str:
+    return json.dumps({"time": datetime.now(UTC).isoformat(), **fields}, ensure_ascii=False)
+
+
+def _as_text(fields: dict[str, object]) -> str:
+    line = f"{fields['method']} {fields['path']} {fields['status']} {fields['duration_ms']}ms"
+    if "app_id" in fields:
+        line += f" appID={fields['app_id']}"
+    if "content" in fields:
+        line += f" content={json.dumps(fields['content'], ensure_ascii=False)}"
+    return line
+
+
+def configure_logging(log_format: str) -> None:
+    """chatterd's own log lines go to stderr: plain text, or one JSON object per line."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+    logger = logging.getLogger("chatterd")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "chatterd.access":
+            return record.getMessage()  # already a JSON object
+        entry = {
+            "time": datetime.now(UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
