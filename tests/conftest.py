@@ -107,7 +107,8 @@ class Chatterd:
         self, env: dict[str, str], log_path: Path, *args: str, command: list[str] | None = None
     ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--ssl-certificate" in args else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log_path = log_path
         if command is None:  # how the tutorial's systemd unit starts it
             command = [
@@ -135,8 +136,11 @@ class Chatterd:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"chatterd exited at start:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready-probe", timeout=1).status_code == 404:
+            with contextlib.suppress(httpx.HTTPError):  # /health answers once the app has started
+                if httpx.get(f"{self.url}/health", timeout=5, verify=False).status_code in (
+                    200,
+                    503,
+                ):
                     return
             time.sleep(0.1)
         raise RuntimeError(f"chatterd did not start in {timeout}s:\n{self.log()}")

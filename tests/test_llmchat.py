@@ -307,6 +307,10 @@ def test_a_client_that_disconnects_still_gets_its_reply_stored(client, ollama, d
     while len(stored(db, app_id)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert stored(db, app_id) == [("user", "count"), ("assistant", "".join(words))]
+    # Nothing is left running or held: no pipeline, no database connection.
+    health = client.get("/health").json()
+    assert health["streams"] == 0
+    assert health["database"]["connections_in_use"] == 0
 
 
 def test_no_database_connection_is_held_while_ollama_thinks(

