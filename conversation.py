@@ -50,6 +50,9 @@ class ChatRequest:
     with_tools: bool = False  # /llmtools: offer resident and device tools
 
 
+Event = tuple[str | None, bytes]  # an SSE event's name (None: a plain data event) and data
+
+
 @dataclass
 class Refusal:
     """A failure before any event was sent: the client gets this status and JSON error."""
@@ -74,18 +77,18 @@ class Outbox:
     """The events of one response: written by the pipeline, read by the HTTP response."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[Refusal | tuple[str | None, str] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Refusal | Event | None] = asyncio.Queue()
         self.started = False
 
     # The pipeline's side.
-    def send(self, event: str | None, data: str) -> None:
+    def send(self, event: str | None, data: bytes) -> None:
         self.started = True
         self._queue.put_nowait((event, data))
 
     def fail(self, status: int, error: str) -> None:
         """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
         if self.started:
-            self.send("error", json.dumps({"error": error}, ensure_ascii=False))
+            self.send("error", json.dumps({"error": error}, ensure_ascii=False).encode())
         else:
             self._queue.put_nowait(Refusal(status, error))
 
@@ -93,13 +96,21 @@ class Outbox:
         self._queue.put_nowait(None)
 
     # The response's side.
-    async def first(self) -> Refusal | tuple[str | None, str] | None:
+    async def first(self) -> Refusal | Event | None:
         return await self._queue.get()
 
-    async def rest(self) -> AsyncIterator[tuple[str | None, str]]:
-        while (item := await self._queue.get()) is not None:
-            assert not isinstance(item, Refusal)
-            yield item
+    async def rest(self) -> AsyncIterator[list[Event]]:
+        """The remaining events, in batches: all that are waiting, each time it wakes."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if batch[-1] is None:
+                batch.pop()
+                if batch:
+                    yield batch  # type: ignore[misc]
+                return
+            yield batch  # type: ignore[misc]
 
 
 class Chat:
@@ -251,7 +262,7 @@ class Chat:
         offered: list[dict[str, Any]],
         device_names: set[str],
         outbox: Outbox,
-    ) -> tuple[Reply, list[tuple[str | None, str]]]:
+    ) -> tuple[Reply, list[tuple[str | None, bytes]]]:
         """Ask Ollama once and relay its lines as they come.
 
         Returns the reply and the events held back: from the first line that calls a
@@ -266,14 +277,15 @@ class Chat:
         if offered:
             body["tools"] = offered
         reply = Reply()
-        held: list[tuple[str | None, str]] = []
+        held: list[tuple[str | None, bytes]] = []
         async for line in ollama.chat_lines(self.ollama, body):
             try:
                 chunk = json.loads(line)
             except ValueError:
                 chunk = None
             if not isinstance(chunk, dict):
-                raise StreamError(f"Ollama sent a line that is not a JSON object: {line[:200]}")
+                text = line[:200].decode(errors="replace")
+                raise StreamError(f"Ollama sent a line that is not a JSON object: {text}")
             if "error" in chunk:
                 raise StreamError(f"Ollama: {chunk['error']}")
             reply.done = reply.done or chunk.get("done") is True
@@ -336,11 +348,12 @@ def _name(call_or_tool: Any) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _only_device_calls(chunk: dict[str, Any], line: str, device_names: set[str]) -> str:
+def _only_device_calls(chunk: dict[str, Any], line: bytes, device_names: set[str]) -> bytes:
     """The line as Ollama sent it, or, when it also calls resident tools, without those calls."""
     calls = chunk["message"]["tool_calls"]
     device_calls = [call for call in calls if _name(call) in device_names]
     if len(device_calls) == len(calls):
         return line
     message = {**chunk["message"], "tool_calls": device_calls}
-    return json.dumps({**chunk, "message": message}, ensure_ascii=False, separators=(",", ":"))
+    compact = json.dumps({**chunk, "message": message}, ensure_ascii=False, separators=(",", ":"))
+    return compact.encode()

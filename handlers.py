@@ -127,17 +127,17 @@ async def _converse(request: Request, *, with_tools: bool) -> Response:
         if first is None:
             return
         yield sse(*first)
-        async for event, data in outbox.rest():
-            yield sse(event, data)
+        async for batch in outbox.rest():  # one write for all the events that are waiting
+            yield b"".join([sse(event, data) for event, data in batch])
 
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-def sse(event: str | None, data: str) -> bytes:
+def sse(event: str | None, data: bytes) -> bytes:
     """One SSE event. `data` is one line of JSON: Ollama's NDJSON never holds a raw newline."""
     if event is None:
-        return f"data: {data}\n\n".encode()
-    return f"event: {event}\ndata: {data}\n\n".encode()
+        return b"data: " + data + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
 
 
 def parse_chat(body: Any, limits: Limits, *, with_tools: bool) -> ChatRequest:

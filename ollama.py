@@ -119,8 +119,11 @@ async def version(client: httpx.AsyncClient) -> dict[str, Any]:
         return {"reachable": False, "error": type(exc).__name__}
 
 
-async def chat_lines(client: httpx.AsyncClient, request: dict[str, Any]) -> AsyncIterator[str]:
-    """Stream `/api/chat`, one NDJSON line at a time, exactly as Ollama wrote it.
+async def chat_lines(client: httpx.AsyncClient, request: dict[str, Any]) -> AsyncIterator[bytes]:
+    """Stream `/api/chat`, one NDJSON line at a time, exactly as Ollama wrote it (as bytes).
+
+    Lines are split from the raw bytes here rather than by httpx's text layers: this is
+    the hot path, run once per token of every reply.
 
     Raises OllamaError: before the first line when Ollama refuses or is unreachable, and
     with status 502 when the connection breaks mid-stream.
@@ -128,9 +131,14 @@ async def chat_lines(client: httpx.AsyncClient, request: dict[str, Any]) -> Asyn
     body = json.dumps(request, ensure_ascii=False).encode()
     response = await post(client, "/api/chat", body)
     try:
-        async for line in response.aiter_lines():
-            if line:
-                yield line
+        rest = b""
+        async for chunk in response.aiter_bytes():
+            *lines, rest = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield line
+        if rest.strip():
+            yield rest
     except httpx.HTTPError as exc:
         raise OllamaError(
             502, f"the connection to Ollama broke mid-stream: {type(exc).__name__}"

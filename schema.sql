@@ -52,6 +52,8 @@ END
 $$;
 
 CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
+-- Finds a dead turn's rows without reading the whole conversation.
+CREATE INDEX IF NOT EXISTS chatts_pending ON chatts (appid) WHERE pending;
 
 -- The tools each app has declared on /llmtools, one row per name: the latest wins.
 CREATE TABLE IF NOT EXISTS device_tools (
