@@ -22,7 +22,7 @@ OMIT_IF_NONE = config(exclude=lambda value: value is None)
 
 
 @dataclass_json
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One message of a conversation, as Ollama's `/api/chat` takes it."""
 
