@@ -102,15 +102,17 @@ class Outbox:
     async def rest(self) -> AsyncIterator[list[Event]]:
         """The remaining events, in batches: all that are waiting, each time it wakes."""
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            if batch[-1] is None:
-                batch.pop()
-                if batch:
-                    yield batch  # type: ignore[misc]
+            item = await self._queue.get()
+            batch: list[Event] = []
+            while isinstance(item, tuple):  # a Refusal can only come first
+                batch.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                yield batch
+            if item is None:
                 return
-            yield batch  # type: ignore[misc]
 
 
 class Chat:
@@ -125,10 +127,10 @@ class Chat:
         lease_wait: float,
     ) -> None:
         self.history = history
-        self.lease_wait = lease_wait
         self.ollama = ollama_client
         self.tool_env = tool_env
         self.max_rounds = max_rounds
+        self.lease_wait = lease_wait
         self._running: set[asyncio.Task[None]] = set()
 
     @property

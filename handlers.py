@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,12 +25,6 @@ MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
 OLLAMA_FIELDS = ("options", "format", "keep_alive", "think")
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int
-    max_messages: int
-
-
 class ClientError(Exception):
     def __init__(self, status: int, error: str) -> None:
         super().__init__(error)
@@ -45,7 +38,7 @@ def invalid(error: str) -> ClientError:
 
 async def read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it is known to be over the limit."""
-    limit = request.app.state.limits.max_body_bytes
+    limit = request.app.state.config.max_body_bytes
     too_large = ClientError(413, f"the body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -104,18 +97,18 @@ async def llmprompt(request: Request) -> Response:
 
 
 async def llmchat(request: Request) -> Response:
-    return await _converse(request, with_tools=False)
+    return await _chat(request, with_tools=False)
 
 
 async def llmtools(request: Request) -> Response:
-    return await _converse(request, with_tools=True)
+    return await _chat(request, with_tools=True)
 
 
-async def _converse(request: Request, *, with_tools: bool) -> Response:
-    limits: Limits = request.app.state.limits
-    chat_request = parse_chat(await read_json(request), limits, with_tools=with_tools)
+async def _chat(request: Request, *, with_tools: bool) -> Response:
+    config = request.app.state.config
+    chat_request = parse_chat(await read_json(request), config.max_messages, with_tools=with_tools)
     request.state.app_id = chat_request.app_id
-    if request.app.state.config.log_content:
+    if config.log_content:
         request.state.content = [message.content for message in chat_request.messages]
     chat: Chat = request.app.state.chat
     outbox = chat.start(chat_request)
@@ -140,7 +133,7 @@ def sse(event: str | None, data: bytes) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
 
 
-def parse_chat(body: Any, limits: Limits, *, with_tools: bool) -> ChatRequest:
+def parse_chat(body: Any, max_messages: int, *, with_tools: bool) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("body: must be a JSON object")
     app_id = body.get("appID")
@@ -152,8 +145,8 @@ def parse_chat(body: Any, limits: Limits, *, with_tools: bool) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: must be a non-empty list of messages")
-    if len(messages) > limits.max_messages:
-        raise invalid(f"messages: at most {limits.max_messages} in one request")
+    if len(messages) > max_messages:
+        raise invalid(f"messages: at most {max_messages} in one request")
     declared = parse_tools(body.get("tools")) if with_tools else None
     check_text("appID", app_id)
     check_text("model", model)

@@ -98,7 +98,7 @@ class Config:
             or "https://api.open-meteo.com/v1/forecast",
             db_pool_min=number("CHATTERD_DB_POOL_MIN", 1, int),
             db_pool_max=number("CHATTERD_DB_POOL_MAX", 10, int),
-            db_timeout=number("CHATTERD_DB_TIMEOUT", 10.0),
+            db_timeout=number("CHATTERD_DB_TIMEOUT", 30.0),
             ollama_connect_timeout=number("CHATTERD_OLLAMA_CONNECT_TIMEOUT", 10.0),
             ollama_timeout=number("CHATTERD_OLLAMA_TIMEOUT", 1200.0),
             ollama_max_connections=number("CHATTERD_OLLAMA_MAX_CONNECTIONS", 1000, int),
@@ -174,7 +174,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             max_rounds=config.max_tool_rounds,
             lease_wait=config.conversation_wait,
         )
-        app.state.limits = handlers.Limits(config.max_body_bytes, config.max_messages)
         app.state.ollama = ollama_client
         app.state.tool_env = tool_env
         app.state.chat = chat

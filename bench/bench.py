@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class Stream:
     ok: bool
+    failure: str = ""  # why it failed: the status line, or the error event
     ttft: float = 0.0
     total: float = 0.0
     events: int = 0
@@ -71,8 +72,8 @@ async def stream_once(port: int, path: str, body: bytes, sse: bool) -> Stream:
     started = time.perf_counter()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return Stream(False)
+    except OSError as exc:
+        return Stream(False, f"connect: {type(exc).__name__}")
     writer.write(
         b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (path.encode(), len(body), body)
@@ -81,6 +82,9 @@ async def stream_once(port: int, path: str, body: bytes, sse: bool) -> Stream:
     try:
         status = await reader.readline()
         if b" 200 " not in status:
+            result.failure = status.decode(errors="replace").strip()
+            body = (await reader.read(4096)).decode(errors="replace")
+            result.failure += " " + body[body.find("{") :][:120]
             return result
         chunked = False
         while (header := await reader.readline()) not in (b"\r\n", b""):
@@ -101,6 +105,7 @@ async def stream_once(port: int, path: str, body: bytes, sse: bool) -> Stream:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 if line.startswith(b"event: error"):
+                    result.failure = "event: error"
                     return result
                 if line.startswith(b"data: " if sse else b"{"):
                     if result.events == 0:
@@ -110,8 +115,8 @@ async def stream_once(port: int, path: str, body: bytes, sse: bool) -> Stream:
                         result.ok = True
         result.total = time.perf_counter() - started
         return result
-    except (OSError, asyncio.IncompleteReadError, ValueError):
-        return Stream(False)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return Stream(False, f"read: {type(exc).__name__}")
     finally:
         writer.close()
 
@@ -300,6 +305,10 @@ def levels_table(server: Chatterd, ollama_port: int, levels: list[int], rounds: 
                     f"{per_k:>11.3f} {run.rss / 2**20:>7.0f}MB"
                 )
             print(line, flush=True)
+        failures = {s.failure for s in through.streams if not s.ok}
+        for failure in sorted(failures):
+            count = sum(1 for s in through.streams if s.failure == failure)
+            print(f"      {count} failed: {failure}")
 
 
 def relay_cost(server: Chatterd, streams: int, rounds: int) -> None:
