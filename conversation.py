@@ -9,6 +9,11 @@ The pipeline runs as a task of its own that writes events to an Outbox, which th
 response reads. A client that goes away therefore stops nothing: the reply is still
 completed and stored, so the next request sees a whole history.
 
+Every event the pipeline sends is also appended to the event log (events.py) under an id,
+so a client that lost its stream can resume it. Only the newest part of a long history
+goes to the model, within the context budget (budget.py); the client is told when
+messages were left out, by chatterd or by Ollama.
+
 A turn is all or nothing: when it fails (Ollama refuses or breaks off, a line is not JSON,
 the database refuses the reply, the round limit is reached), the rows it wrote are
 removed again, so the stored conversation is as it was before the request. Turns of one
@@ -28,14 +33,18 @@ from typing import Any
 
 import httpx
 
+import budget
 import ollama
 import toolbox
-from history import History, StoreError
+from budget import Budget
+from events import END, EventLog, first_id
+from history import History, StoreError, Turn
 from ollama import Message, OllamaError, Reply
 
 log = logging.getLogger("chatterd")
 
 LEASE_SECONDS = 30.0  # how long a conversation lease outlives a holder that died
+SHUTTING_DOWN = "chatterd is shutting down; the reply was not stored"
 
 
 @dataclass
@@ -50,7 +59,9 @@ class ChatRequest:
     with_tools: bool = False  # /llmtools: offer resident and device tools
 
 
-Event = tuple[str | None, bytes]  # an SSE event's name (None: a plain data event) and data
+# An SSE event: its id (None before the turn has one), its name (None: a plain data event)
+# and its data, one line of JSON.
+Event = tuple[int | None, str | None, bytes]
 
 
 @dataclass
@@ -74,26 +85,53 @@ class ConversationBusy(Exception):
 
 
 class Outbox:
-    """The events of one response: written by the pipeline, read by the HTTP response."""
+    """The events of one response: written by the pipeline, read by the HTTP response.
 
-    def __init__(self) -> None:
+    Once the turn has its reply number (`begin`), each event also goes to the event log.
+    """
+
+    def __init__(self, app_id: str, event_log: EventLog) -> None:
         self._queue: asyncio.Queue[Refusal | Event | None] = asyncio.Queue()
+        self._app_id = app_id
+        self._log = event_log
+        self._next_id: int | None = None
         self.started = False
+        self.failed = False
 
     # The pipeline's side.
+    def begin(self, reply: int) -> None:
+        self._next_id = first_id(reply)
+
     def send(self, event: str | None, data: bytes) -> None:
         self.started = True
-        self._queue.put_nowait((event, data))
+        self._queue.put_nowait((self._log_event(event, data), event, data))
 
     def fail(self, status: int, error: str) -> None:
         """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
+        if self.failed:
+            return
+        self.failed = True
+        data = json.dumps({"error": error}, ensure_ascii=False).encode()
         if self.started:
-            self.send("error", json.dumps({"error": error}, ensure_ascii=False).encode())
+            self.send("error", data)
         else:
+            self._log_event("error", data)  # a resumed stream hears of it too
             self._queue.put_nowait(Refusal(status, error))
+
+    def end(self) -> None:
+        """Mark the end of the reply in the log; later events go to this response only."""
+        self._log_event(END, b"")
+        self._next_id = None
 
     def close(self) -> None:
         self._queue.put_nowait(None)
+
+    def _log_event(self, event: str | None, data: bytes) -> int | None:
+        event_id = self._next_id
+        if event_id is not None:
+            self._next_id = event_id + 1
+            self._log.append(self._app_id, event_id, event, data)
+        return event_id
 
     # The response's side.
     async def first(self) -> Refusal | Event | None:
@@ -115,22 +153,31 @@ class Outbox:
                 return
 
 
+@dataclass(frozen=True)
+class Limits:
+    max_rounds: int  # model rounds per request
+    lease_wait: float  # seconds to wait for another request of the same appID
+    history_messages: int  # the context budget: messages sent to the model,
+    history_tokens: int | None  # and tokens (None: three quarters of the context window)
+    context_window: int  # Ollama's num_ctx when the request does not set one
+
+
 class Chat:
     """Starts pipelines and keeps track of them until they finish."""
 
     def __init__(
         self,
         history: History,
+        event_log: EventLog,
         ollama_client: httpx.AsyncClient,
         tool_env: toolbox.ToolEnv,
-        max_rounds: int,
-        lease_wait: float,
+        limits: Limits,
     ) -> None:
         self.history = history
+        self.event_log = event_log
         self.ollama = ollama_client
         self.tool_env = tool_env
-        self.max_rounds = max_rounds
-        self.lease_wait = lease_wait
+        self.limits = limits
         self._running: set[asyncio.Task[None]] = set()
 
     @property
@@ -139,7 +186,7 @@ class Chat:
         return len(self._running)
 
     def start(self, request: ChatRequest) -> Outbox:
-        outbox = Outbox()
+        outbox = Outbox(request.app_id, self.event_log)
         task = asyncio.create_task(self._run(request, outbox))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -157,12 +204,21 @@ class Chat:
 
     async def _run(self, request: ChatRequest, outbox: Outbox) -> None:
         try:
-            async with self._lease(request.app_id):
-                await self._turn(request, outbox)
+            async with self.lease(request.app_id) as reply:
+                outbox.begin(reply)
+                try:
+                    await self._turn(request, outbox)
+                except asyncio.CancelledError:
+                    outbox.fail(503, SHUTTING_DOWN)
+                    raise
+                finally:
+                    outbox.end()
+                    # Resumed streams must find the END before the lease goes.
+                    await asyncio.shield(self.event_log.flush())
         except (ConversationBusy, StoreError) as exc:
             outbox.fail(exc.status, str(exc))
         except asyncio.CancelledError:
-            outbox.fail(503, "chatterd is shutting down; the reply was not stored")
+            outbox.fail(503, SHUTTING_DOWN)
             raise
         except Exception:
             log.exception("chat pipeline failed")
@@ -175,10 +231,13 @@ class Chat:
         stored: list[int] = []  # grows as the turn writes rows; _converse appends to it
         try:
             turn = await self.history.record(
-                request.app_id, request.messages, request.declared_tools
+                request.app_id,
+                request.messages,
+                request.declared_tools,
+                window=self.limits.history_messages,
             )
             stored = turn.stored
-            await self._converse(request, turn.history, turn.device_tools, stored, outbox)
+            await self._converse(request, turn, outbox)
         except (OllamaError, StoreError, StreamError) as exc:
             await self._undo(request.app_id, stored)
             outbox.fail(exc.status, str(exc))
@@ -187,27 +246,28 @@ class Chat:
             raise
 
     @asynccontextmanager
-    async def _lease(self, app_id: str) -> AsyncIterator[None]:
+    async def lease(self, app_id: str) -> AsyncIterator[int]:
         """Hold the conversation's lease: one turn at a time per appID, across all workers.
 
         Waits up to `lease_wait` seconds for a turn in progress to finish. The lease lives
         in the database, not in a held connection, and is renewed while the turn runs.
+        Yields the turn's reply number, which counts the appID's leases.
         """
         holder = uuid.uuid4()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lease_wait
+        deadline = loop.time() + self.limits.lease_wait
         pause = 0.02
-        while not await self.history.take_lease(app_id, holder, LEASE_SECONDS):
+        while (reply := await self.history.take_lease(app_id, holder, LEASE_SECONDS)) is None:
             if loop.time() >= deadline:
                 raise ConversationBusy(
                     f"another request for this appID has been running for over"
-                    f" {self.lease_wait:g} s; try again when it has finished"
+                    f" {self.limits.lease_wait:g} s; try again when it has finished"
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
         renewal = asyncio.create_task(self._renew(app_id, holder))
         try:
-            yield
+            yield reply
         finally:
             renewal.cancel()
             try:
@@ -223,18 +283,22 @@ class Chat:
             except StoreError as exc:
                 log.warning("could not renew a conversation lease: %s", exc)
 
-    async def _converse(
-        self,
-        request: ChatRequest,
-        messages: list[Message],
-        device_tools: list[dict[str, Any]],
-        stored: list[int],
-        outbox: Outbox,
-    ) -> None:
-        offered = self._offered_tools(request, device_tools)
-        device_names = {tool["function"]["name"] for tool in device_tools} - toolbox.TOOLBOX.keys()
-        for _ in range(self.max_rounds):
-            reply, held = await self._stream_round(request, messages, offered, device_names, outbox)
+    async def _converse(self, request: ChatRequest, turn: Turn, outbox: Outbox) -> None:
+        offered = self._offered_tools(request, turn.device_tools)
+        device_names = {_name(tool) for tool in turn.device_tools} - toolbox.TOOLBOX.keys()
+        window = budget.context_window(request.ollama_fields, self.limits.context_window)
+        limit = Budget(self.limits.history_messages, self.limits.history_tokens or window * 3 // 4)
+        messages, new, stored = turn.history, turn.new, turn.stored
+        told = 0  # how many left-out messages the client has been told of
+        for _ in range(self.limits.max_rounds):
+            fitted = budget.fit(messages, new, limit, turn.unread)
+            notices: list[Event] = []
+            if fitted.omitted != told:
+                told = fitted.omitted
+                notices.append((None, "context", _trimmed(fitted, limit)))
+            reply, held = await self._stream_round(
+                request, fitted, window, offered, device_names, notices, outbox
+            )
             if not reply.tool_calls:
                 await self.history.complete(
                     request.app_id, [(reply.as_message(), reply.thinking)], stored
@@ -247,39 +311,43 @@ class Chat:
                 # Device calls: the app runs them and posts the results as a new request,
                 # which must find the call stored; so the events go out only now.
                 await self.history.complete(request.app_id, rows, stored)
-                for event, data in held:
+                for _, event, data in held:
                     outbox.send(event, data)
                 return
             stored += await self.history.append(request.app_id, rows)
             messages = [*messages, call, *results]
+            new += 1 + len(results)
         raise StreamError(
-            f"the model was still calling tools after {self.max_rounds} rounds;"
+            f"the model was still calling tools after {self.limits.max_rounds} rounds;"
             " the turn was stopped and not stored"
         )
 
     async def _stream_round(
         self,
         request: ChatRequest,
-        messages: list[Message],
+        fitted: budget.Fitted,
+        window: int,
         offered: list[dict[str, Any]],
         device_names: set[str],
+        notices: list[Event],
         outbox: Outbox,
-    ) -> tuple[Reply, list[tuple[str | None, bytes]]]:
+    ) -> tuple[Reply, list[Event]]:
         """Ask Ollama once and relay its lines as they come.
 
-        Returns the reply and the events held back: from the first line that calls a
-        device tool on, lines wait until the call is stored (see _converse).
+        `notices` go out just before Ollama's first line, so that a refusal still comes
+        as an HTTP status. Returns the reply and the events held back: from the first line
+        that calls a device tool on, lines wait until the call is stored (see _converse).
         """
         body: dict[str, Any] = {
             **request.ollama_fields,
             "model": request.model,
-            "messages": [message.to_wire() for message in messages],
+            "messages": [message.to_wire() for message in fitted.messages],
             "stream": True,
         }
         if offered:
             body["tools"] = offered
         reply = Reply()
-        held: list[tuple[str | None, bytes]] = []
+        held: list[Event] = []
         async for line in ollama.chat_lines(self.ollama, body):
             try:
                 chunk = json.loads(line)
@@ -290,7 +358,6 @@ class Chat:
                 raise StreamError(f"Ollama sent a line that is not a JSON object: {text}")
             if "error" in chunk:
                 raise StreamError(f"Ollama: {chunk['error']}")
-            reply.done = reply.done or chunk.get("done") is True
             event = None
             message = chunk.get("message")
             if isinstance(message, dict):
@@ -298,8 +365,18 @@ class Chat:
                 calls = message.get("tool_calls")
                 if calls and any(_name(call) in device_names for call in calls):
                     event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
+            if chunk.get("done") is True:
+                reply.done = True
+                if truncated := _truncated_by_ollama(chunk, fitted.tokens, window):
+                    notices.append((None, "context", truncated))
+            for notice in notices:
+                if held:
+                    held.append(notice)
+                else:
+                    outbox.send(notice[1], notice[2])
+            notices = []
             if event or held:
-                held.append((event, line))
+                held.append((None, event, line))
             else:
                 outbox.send(None, line)
         if not reply.done:
@@ -348,6 +425,39 @@ def _name(call_or_tool: Any) -> str:
     function = call_or_tool.get("function") if isinstance(call_or_tool, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     return name if isinstance(name, str) else ""
+
+
+def _trimmed(fitted: budget.Fitted, limit: Budget) -> bytes:
+    return json.dumps(
+        {
+            "trimmed_by": "chatterd",
+            "omitted_messages": fitted.omitted,
+            "sent_messages": len(fitted.messages),
+            "estimated_tokens": fitted.tokens,
+            "max_messages": limit.max_messages,
+            "max_tokens": limit.max_tokens,
+        }
+    ).encode()
+
+
+def _truncated_by_ollama(done: dict[str, Any], estimated: int, window: int) -> bytes | None:
+    """A notice when the prompt was over the context window and Ollama evaluated less.
+
+    Ollama cuts such a prompt from the front without a word; `prompt_eval_count` only says
+    how much it evaluated (less again when it reused a cached prefix), so chatterd speaks up
+    only when its own estimate of the prompt is over the window.
+    """
+    evaluated = done.get("prompt_eval_count")
+    if not isinstance(evaluated, int) or estimated <= window or evaluated > window:
+        return None
+    return json.dumps(
+        {
+            "trimmed_by": "ollama",
+            "prompt_eval_count": evaluated,
+            "num_ctx": window,
+            "estimated_tokens": estimated,
+        }
+    ).encode()
 
 
 def _only_device_calls(chunk: dict[str, Any], line: bytes, device_names: set[str]) -> bytes:

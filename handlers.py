@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -16,9 +17,12 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+import events
 import ollama
 import toolbox
-from conversation import Chat, ChatRequest, Refusal
+from conversation import Chat, ChatRequest, ConversationBusy, Refusal
+from events import EventLog
+from history import StoreError
 from ollama import ROLES, Message, OllamaError
 
 MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
@@ -121,24 +125,137 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
             return
         yield sse(*first)
         async for batch in outbox.rest():  # one write for all the events that are waiting
-            yield b"".join([sse(event, data) for event, data in batch])
+            yield b"".join([sse(*event) for event in batch])
 
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-def sse(event: str | None, data: bytes) -> bytes:
+def sse(event_id: int | None, event: str | None, data: bytes) -> bytes:
     """One SSE event. `data` is one line of JSON: Ollama's NDJSON never holds a raw newline."""
-    if event is None:
-        return b"data: " + data + b"\n\n"
-    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+# GET /llmchat and GET /llmtools: resume a reply's stream
+
+
+async def resume(request: Request) -> Response:
+    """The events of a reply the client lost: those after `Last-Event-ID`, then the rest live.
+
+    Without `Last-Event-ID`, the appID's newest reply (running or finished) from its start.
+    204 when there is nothing more to send, which also stops a browser's EventSource.
+    """
+    app_id = parse_app_id(request.query_params.get("appID"))
+    request.state.app_id = app_id
+    event_log: EventLog = request.app.state.chat.event_log
+    last = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+    if last and not (last.isascii() and last.isdigit() and len(last) < 19):
+        raise invalid(f"Last-Event-ID: must be an event id chatterd sent, not {last[:40]!r}")
+    if last:
+        after = int(last)
+        reply = events.reply_of(after)
+    else:
+        latest = await event_log.latest_reply(app_id)
+        if latest is None:
+            raise ClientError(404, "there is no reply to resume for this appID")
+        reply, after = latest, events.first_id(latest) - 1
+    missed = await event_log.read(app_id, reply, after)
+    if not missed and not await event_log.live(app_id, reply):
+        missed = await event_log.read(app_id, reply, after)  # it may have just ended
+        if not missed:
+            last_logged = await event_log.last_id(app_id, reply)
+            if last_logged is None:
+                raise ClientError(
+                    404, "no events are kept for that reply: they expire, or it never began"
+                )
+            if after > last_logged:
+                return Response(status_code=204)  # it has had the cut-off notice
+    if [event.event for event in missed] == [events.END]:
+        return Response(status_code=204)  # the client has seen the whole reply
+
+    async def replay() -> AsyncIterator[bytes]:
+        start = after
+        if missed:
+            sendable = [event for event in missed if event.event != events.END]
+            yield b"".join([sse(e.id, e.event, e.data) for e in sendable])
+            if len(sendable) < len(missed):
+                return
+            start = missed[-1].id
+        try:
+            async for batch in event_log.follow(app_id, reply, start):
+                yield b"".join([sse(e.id, e.event, e.data) for e in batch])
+        except StoreError as exc:
+            yield sse(None, "error", json.dumps({"error": str(exc)}).encode())
+
+    return EventSourceResponse(replay(), sep="\n", ping=15)
+
+
+# GET and DELETE /conversations/{appID}
+
+
+async def conversation(request: Request) -> Response:
+    """The stored conversation, oldest first, a page at a time."""
+    app_id = parse_app_id(request.path_params["app_id"])
+    request.state.app_id = app_id
+    limit = parse_count(request.query_params, "limit", 100, 1, 1000)
+    after = parse_count(request.query_params, "after", 0, 0, 2**62)
+    chat: Chat = request.app.state.chat
+    page = await chat.history.page(app_id, after, limit + 1)  # one more: is there a next page?
+    more = len(page) > limit
+    page = page[:limit]
+    body = {
+        "appID": app_id,
+        "messages": [
+            {
+                "role": stored.message.role,
+                "content": stored.message.content,
+                "tool_calls": stored.message.tool_calls,
+                "tool_name": stored.message.tool_name,
+                "created_at": stored.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                "seq": stored.seq,
+            }
+            for stored in page
+        ],
+        "next": page[-1].seq if more else None,
+    }
+    return JSONResponse(body)
+
+
+async def forget(request: Request) -> Response:
+    """Delete the conversation and the app's device tools, once a running turn has ended."""
+    app_id = parse_app_id(request.path_params["app_id"])
+    request.state.app_id = app_id
+    chat: Chat = request.app.state.chat
+    try:
+        async with chat.lease(app_id):
+            await chat.history.forget(app_id)
+    except ConversationBusy as exc:
+        raise ClientError(exc.status, str(exc)) from None
+    return Response(status_code=204)
+
+
+def parse_count(query: Any, name: str, default: int, lowest: int, highest: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 20 and lowest <= int(raw) <= highest):
+        raise invalid(f"{name}: must be a whole number from {lowest} to {highest}, not {raw!r}")
+    return int(raw)
+
+
+def parse_app_id(app_id: Any) -> str:
+    if not isinstance(app_id, str) or not app_id.strip() or len(app_id) > MAX_APP_ID:
+        raise invalid(f"appID: must be a non-empty string of at most {MAX_APP_ID} characters")
+    check_text("appID", app_id)
+    return app_id
 
 
 def parse_chat(body: Any, max_messages: int, *, with_tools: bool) -> ChatRequest:
     if not isinstance(body, dict):
         raise invalid("body: must be a JSON object")
-    app_id = body.get("appID")
-    if not isinstance(app_id, str) or not app_id.strip() or len(app_id) > MAX_APP_ID:
-        raise invalid(f"appID: must be a non-empty string of at most {MAX_APP_ID} characters")
+    app_id = parse_app_id(body.get("appID"))
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise invalid("model: must be a non-empty string")
@@ -148,7 +265,6 @@ def parse_chat(body: Any, max_messages: int, *, with_tools: bool) -> ChatRequest
     if len(messages) > max_messages:
         raise invalid(f"messages: at most {max_messages} in one request")
     declared = parse_tools(body.get("tools")) if with_tools else None
-    check_text("appID", app_id)
     check_text("model", model)
     return ChatRequest(
         app_id=app_id,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import psycopg_pool
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -37,9 +37,18 @@ class StoreError(Exception):
 class Turn:
     """A conversation as it stands once a request's messages are stored."""
 
-    history: list[Message]
+    history: list[Message]  # the newest stored messages, then this request's
+    new: int  # how many of them are this request's (the last ones)
+    unread: int  # older stored messages left unread: beyond the window asked for
     device_tools: list[dict[str, Any]]
     stored: list[int]  # seq of each row this request wrote, so a failed turn can be undone
+
+
+@dataclass
+class StoredMessage:
+    message: Message
+    seq: int  # its place in the conversation
+    created_at: datetime
 
 
 async def apply_schema(conninfo: str) -> str:
@@ -55,35 +64,76 @@ async def apply_schema(conninfo: str) -> str:
     return "username" if "username" in columns else "name"
 
 
-def name_tool_results(history: list[Message], incoming: list[Message]) -> list[Message]:
-    """Fill `tool_name` on tool results that lack it, from the calls they answer.
+UNANSWERED = "Error: the app did not return a result for this call."
 
-    The apps post a device tool's result as a bare `{"role": "tool", "content": ...}`;
-    Ollama wants to know which tool it comes from. The pending calls are those of the
-    last assistant message that called tools, less the ones already answered after it.
+
+def settle_tool_calls(history: list[Message], incoming: list[Message]) -> list[Message]:
+    """The request's messages as they are stored: every tool call answered, in order.
+
+    The apps post a device tool's result as a bare `{"role": "tool", "content": ...}`; its
+    `tool_name` is filled from the call it answers. A call the app never answered (it sent
+    a new message instead) gets a result saying so, before whatever comes next, so that
+    the history stays a valid conversation for Ollama.
     """
-    pending: list[str] = []
-    is_incoming = {id(message) for message in incoming}
-    for message in [*history, *incoming]:
-        if message.role == "assistant" and message.tool_calls:
-            pending = [call.get("function", {}).get("name", "") for call in message.tool_calls]
-        elif message.role == "tool":
-            if message.tool_name is None and id(message) in is_incoming and pending:
-                message.tool_name = pending[0]
-            if message.tool_name in pending:
-                pending.remove(message.tool_name)
-        elif message.role == "user":
-            pending = []
-    return incoming
+    unanswered = _unanswered_calls(history)
+    settled: list[Message] = []
+    for message in incoming:
+        if message.role == "tool":
+            if message.tool_name is None and unanswered:
+                message.tool_name = unanswered[0]
+            if message.tool_name in unanswered:
+                unanswered.remove(message.tool_name)
+        else:
+            settled += [Message("tool", UNANSWERED, tool_name=name) for name in unanswered]
+            unanswered = _call_names(message)
+        settled.append(message)
+    settled += [Message("tool", UNANSWERED, tool_name=name) for name in unanswered]
+    return settled
+
+
+def _unanswered_calls(history: list[Message]) -> list[str]:
+    """Names of the last tool-calling message's calls that no result has answered yet."""
+    unanswered: list[str] = []
+    for message in history:
+        if message.role == "tool":
+            if message.tool_name in unanswered:
+                unanswered.remove(message.tool_name)
+            elif unanswered:
+                unanswered.pop(0)  # a tutorial-era result without a name
+        else:
+            unanswered = _call_names(message)
+    return unanswered
+
+
+def _call_names(message: Message) -> list[str]:
+    if message.role != "assistant" or not message.tool_calls:
+        return []
+    names = []
+    for call in message.tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        names.append(name if isinstance(name, str) else "")
+    return names
 
 
 class History:
     def __init__(self, pool: AsyncConnectionPool, role_column: str) -> None:
         self.pool = pool
         role = sql.Identifier(role_column)
-        self._select = sql.SQL(
-            "SELECT {role}, message, toolcalls, toolname FROM chatts"
-            " WHERE appid = %s AND NOT pending ORDER BY seq"
+        # The newest messages, and the system messages before them (those always count).
+        self._select_window = sql.SQL(
+            "WITH recent AS ("
+            " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
+            " WHERE appid = %(app)s AND NOT pending ORDER BY seq DESC LIMIT %(window)s)"
+            " SELECT role, message, toolcalls, toolname FROM ("
+            " SELECT * FROM recent UNION ALL"
+            " SELECT seq, {role}, message, toolcalls, toolname FROM chatts"
+            " WHERE appid = %(app)s AND NOT pending AND {role} = 'system'"
+            " AND seq < (SELECT min(seq) FROM recent)) AS window_rows ORDER BY seq"
+        ).format(role=role)
+        self._select_page = sql.SQL(
+            "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
+            " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
         ).format(role=role)
         self._insert = sql.SQL(
             "INSERT INTO chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)"
@@ -91,20 +141,27 @@ class History:
         ).format(role=role)
 
     async def record(
-        self, app_id: str, incoming: list[Message], device_tools: list[dict[str, Any]] | None
+        self,
+        app_id: str,
+        incoming: list[Message],
+        device_tools: list[dict[str, Any]] | None,
+        window: int,
     ) -> Turn:
-        """Store a request's messages (and device tools) and read back the whole conversation.
+        """Store a request's messages (and device tools) and read back the conversation.
 
+        Reads the newest `window` stored messages and every system message before them.
         The caller holds the conversation's lease, so pending rows are a dead turn's.
         """
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 await conn.execute("DELETE FROM chatts WHERE appid = %s AND pending", (app_id,))
-                history = [
-                    _message(row)
-                    for row in await (await conn.execute(self._select, (app_id,))).fetchall()
-                ]
-                name_tool_results(history, incoming)
+                cursor = await conn.execute(
+                    "SELECT count(*) FROM chatts WHERE appid = %s AND NOT pending", (app_id,)
+                )
+                total = (await cursor.fetchone() or (0,))[0]
+                cursor = await conn.execute(self._select_window, {"app": app_id, "window": window})
+                history = [_message(row) for row in await cursor.fetchall()]
+                incoming = settle_tool_calls(history, incoming)
                 stored = await self._insert_rows(conn, app_id, [(m, None) for m in incoming])
                 if device_tools:
                     await self._save_device_tools(conn, app_id, device_tools)
@@ -114,8 +171,8 @@ class History:
                 )
                 tools = [row[0] for row in await cursor.fetchall()]
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the request: {_reason(exc)}") from exc
-        return Turn([*history, *incoming], tools, stored)
+            raise StoreError(f"the database could not store the request: {reason(exc)}") from exc
+        return Turn([*history, *incoming], len(incoming), total - len(history), tools, stored)
 
     async def append(self, app_id: str, messages: list[tuple[Message, str | None]]) -> list[int]:
         """Store a turn's messages, each with the model's thinking (or None); return their seqs."""
@@ -123,7 +180,7 @@ class History:
             async with self.pool.connection() as conn, conn.transaction():
                 return await self._insert_rows(conn, app_id, messages)
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the reply: {_reason(exc)}") from exc
+            raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
 
     async def complete(
         self, app_id: str, messages: list[tuple[Message, str | None]], turn: list[int]
@@ -137,7 +194,7 @@ class History:
                     (app_id, turn),
                 )
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the reply: {_reason(exc)}") from exc
+            raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
 
     async def remove(self, app_id: str, seqs: list[int]) -> None:
         """Delete the rows a failed turn wrote, so the conversation is as it was before it."""
@@ -149,7 +206,7 @@ class History:
                     "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s)", (app_id, seqs)
                 )
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not undo the turn: {_reason(exc)}") from exc
+            raise StoreError(f"the database could not undo the turn: {reason(exc)}") from exc
 
     async def status(self) -> dict[str, Any]:
         """Whether the database answers, and how many pooled connections are in use."""
@@ -157,38 +214,68 @@ class History:
             async with self.pool.connection(timeout=3) as conn:
                 await conn.execute("SELECT 1")
             report: dict[str, Any] = {"reachable": True}
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            report = {"reachable": False, "error": _reason(exc)}
+        except psycopg.Error as exc:
+            report = {"reachable": False, "error": reason(exc)}
         stats = self.pool.get_stats()
         report["connections_in_use"] = stats["pool_size"] - stats["pool_available"]
         return report
 
-    async def take_lease(self, app_id: str, holder: uuid.UUID, seconds: float) -> bool:
-        """Take the conversation's lease if nobody holds it (or the holder's has expired)."""
+    async def page(self, app_id: str, after: int, limit: int) -> list[StoredMessage]:
+        """Up to `limit` messages of the conversation, oldest first, after the seq `after`."""
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(self._select_page, (app_id, after, limit))
+                rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
+        return [StoredMessage(_message(row), row[4], row[5]) for row in rows]
+
+    async def forget(self, app_id: str) -> None:
+        """Delete the conversation, the app's device tools and its kept stream events."""
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for table in ("chatts", "device_tools", "stream_events"):
+                    await conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE appid = %s").format(sql.Identifier(table)),
+                        (app_id,),
+                    )
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not delete it: {reason(exc)}") from exc
+
+    async def take_lease(self, app_id: str, holder: uuid.UUID, seconds: float) -> int | None:
+        """Take the conversation's lease if nobody holds it (or the holder's has expired).
+
+        Returns the reply number of the turn it is taken for (each new holder counts one
+        more), or None when another holder has it. The same holder renews it.
+        """
         try:
             async with self.pool.connection() as conn:
                 cursor = await conn.execute(
-                    "INSERT INTO conversation_leases AS lease (appid, holder, expires)"
-                    " VALUES (%s, %s, now() + make_interval(secs => %s))"
+                    "INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
+                    " VALUES (%s, %s, now() + make_interval(secs => %s), 1)"
                     " ON CONFLICT (appid) DO UPDATE"
-                    " SET holder = EXCLUDED.holder, expires = EXCLUDED.expires"
+                    " SET holder = EXCLUDED.holder, expires = EXCLUDED.expires,"
+                    " replies = lease.replies + (lease.holder <> EXCLUDED.holder)::int"
                     " WHERE lease.expires < now() OR lease.holder = EXCLUDED.holder"
-                    " RETURNING holder",
+                    " RETURNING replies",
                     (app_id, holder, seconds),
                 )
-                return await cursor.fetchone() is not None
+                row = await cursor.fetchone()
         except psycopg.Error as exc:
-            raise StoreError(f"the database is unavailable: {_reason(exc)}") from exc
+            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
+        return row[0] if row else None
 
     async def drop_lease(self, app_id: str, holder: uuid.UUID) -> None:
+        """Let go of the lease; its row stays, counting the appID's replies."""
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
-                    "DELETE FROM conversation_leases WHERE appid = %s AND holder = %s",
+                    "UPDATE conversation_leases SET expires = '-infinity'"
+                    " WHERE appid = %s AND holder = %s",
                     (app_id, holder),
                 )
         except psycopg.Error as exc:
-            raise StoreError(f"the database is unavailable: {_reason(exc)}") from exc
+            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
 
     async def _insert_rows(
         self,
@@ -233,7 +320,7 @@ class History:
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    role, content, tool_calls, tool_name = row
+    role, content, tool_calls, tool_name = row[:4]
     return Message(
         role if role in ROLES else "user",  # tutorial rows may hold anything here
         content or "",
@@ -253,7 +340,7 @@ def _tool_calls(stored: str | None) -> list[dict[str, Any]] | None:
     return calls if isinstance(calls, list) and calls else None
 
 
-def _reason(exc: psycopg.Error) -> str:
+def reason(exc: psycopg.Error) -> str:
     """A one-line reason without SQL text: the server's primary message, or the error's kind."""
     diag = getattr(exc, "diag", None)
     primary = diag.message_primary if diag else None

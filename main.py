@@ -31,7 +31,8 @@ from starlette.routing import Route
 import handlers
 import history
 import toolbox
-from conversation import Chat
+from conversation import Chat, Limits
+from events import EventLog
 from middleware import AccessLog, RequireAPIKey, configure_logging
 
 log = logging.getLogger("chatterd")
@@ -60,6 +61,10 @@ class Config:
     conversation_wait: float
     max_body_bytes: int
     max_messages: int
+    history_max_messages: int
+    history_max_tokens: int | None
+    context_window: int
+    events_keep: float
     shutdown_grace: float
     api_keys: tuple[str, ...]
     log_format: str
@@ -67,7 +72,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
-        def number(name: str, default: float, kind: type = float) -> Any:
+        def number(name: str, default: float | None, kind: type = float) -> Any:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
@@ -107,6 +112,10 @@ class Config:
             conversation_wait=number("CHATTERD_CONVERSATION_WAIT", 120.0),
             max_body_bytes=number("CHATTERD_MAX_BODY_BYTES", 1024 * 1024, int),
             max_messages=number("CHATTERD_MAX_MESSAGES", 500, int),
+            history_max_messages=number("CHATTERD_HISTORY_MAX_MESSAGES", 200, int),
+            history_max_tokens=number("CHATTERD_HISTORY_MAX_TOKENS", None, int),
+            context_window=number("CHATTERD_CONTEXT_WINDOW", 4096, int),
+            events_keep=number("CHATTERD_EVENTS_KEEP", 3600.0),
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
             api_keys=tuple(
                 key.strip() for key in env.get("CHATTERD_API_KEYS", "").split(",") if key.strip()
@@ -167,20 +176,30 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         weather_client = httpx.AsyncClient(timeout=config.weather_timeout)
         tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
+        event_log = EventLog(pool, config.events_keep)
         chat = Chat(
             history.History(pool, role_column),
+            event_log,
             ollama_client,
             tool_env,
-            max_rounds=config.max_tool_rounds,
-            lease_wait=config.conversation_wait,
+            Limits(
+                max_rounds=config.max_tool_rounds,
+                lease_wait=config.conversation_wait,
+                history_messages=config.history_max_messages,
+                history_tokens=config.history_max_tokens,
+                context_window=config.context_window,
+            ),
         )
         app.state.ollama = ollama_client
         app.state.tool_env = tool_env
         app.state.chat = chat
+        log_writer = asyncio.create_task(event_log.run())
         try:
             yield
         finally:
             await chat.finish(config.shutdown_grace)
+            log_writer.cancel()
+            await event_log.flush()
             await ollama_client.aclose()
             await weather_client.aclose()
             await pool.close()
@@ -192,6 +211,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 async def client_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, handlers.ClientError)
     return JSONResponse({"error": exc.error}, exc.status)
+
+
+async def store_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, history.StoreError)
+    return JSONResponse({"error": str(exc)}, exc.status)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -209,6 +233,10 @@ server = Starlette(
         Route("/llmprompt", handlers.llmprompt, methods=["POST"]),
         Route("/llmchat", handlers.llmchat, methods=["POST"]),
         Route("/llmtools", handlers.llmtools, methods=["POST"]),
+        Route("/llmchat", handlers.resume, methods=["GET"]),
+        Route("/llmtools", handlers.resume, methods=["GET"]),
+        Route("/conversations/{app_id:path}", handlers.conversation, methods=["GET"]),
+        Route("/conversations/{app_id:path}", handlers.forget, methods=["DELETE"]),
         Route("/weather", handlers.weather, methods=["GET"]),
         Route("/health", handlers.health, methods=["GET"]),
         Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
@@ -216,6 +244,7 @@ server = Starlette(
     middleware=[Middleware(AccessLog), Middleware(RequireAPIKey)],
     exception_handlers={
         handlers.ClientError: client_error,
+        history.StoreError: store_error,
         HTTPException: http_error,
         Exception: server_error,
     },

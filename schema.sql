@@ -64,9 +64,24 @@ CREATE TABLE IF NOT EXISTS device_tools (
 );
 
 -- One writer per conversation: a request holds its appID's lease while its turn runs, and
--- renews it; a lease whose holder died expires by itself.
+-- renews it; a lease whose holder died expires by itself. The row stays when the lease is
+-- let go: `replies` counts the turns that took it, and numbers their stream events.
 CREATE TABLE IF NOT EXISTS conversation_leases (
     appid   varchar(155) PRIMARY KEY,
     holder  uuid NOT NULL,
     expires timestamptz NOT NULL
 );
+ALTER TABLE conversation_leases ADD COLUMN IF NOT EXISTS replies bigint NOT NULL DEFAULT 0;
+
+-- Every SSE event of the recent replies, so that a client that lost its stream can resume
+-- it from any worker (events.py). An `end` row marks a reply's end. Kept for
+-- CHATTERD_EVENTS_KEEP seconds.
+CREATE TABLE IF NOT EXISTS stream_events (
+    appid   varchar(155) NOT NULL,
+    id      bigint NOT NULL,
+    event   text,
+    data    bytea NOT NULL,
+    created timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (appid, id)
+);
+CREATE INDEX IF NOT EXISTS stream_events_created ON stream_events (created);
