@@ -197,7 +197,7 @@ async def resume(request: Request) -> Response:
 
 async def conversation(request: Request) -> Response:
     """The stored conversation, oldest first, a page at a time."""
-    app_id = parse_app_id(request.path_params["app_id"])
+    app_id = parse_app_id(request.path_params["appID"])
     request.state.app_id = app_id
     limit = parse_count(request.query_params, "limit", 100, 1, 1000)
     after = parse_count(request.query_params, "after", 0, 0, 2**62)
@@ -225,7 +225,7 @@ async def conversation(request: Request) -> Response:
 
 async def forget(request: Request) -> Response:
     """Delete the conversation and the app's device tools, once a running turn has ended."""
-    app_id = parse_app_id(request.path_params["app_id"])
+    app_id = parse_app_id(request.path_params["appID"])
     request.state.app_id = app_id
     chat: Chat = request.app.state.chat
     try:

@@ -27,12 +27,52 @@ def _json_body(schema: str) -> dict[str, Any]:
 
 SSE_STREAM = {
     "description": (
-        "A stream of Server-Sent Events. Each plain `data:` event is one line of Ollama's"
-        " /api/chat stream, unchanged. `event: tool_calls` carries an Ollama line that calls"
-        " a device tool (the app runs it and posts the result); `event: error` carries"
-        ' `{"error": "..."}` when something fails after the stream has started.'
+        "A stream of Server-Sent Events, each with an `id:` that increases within the appID"
+        " (resume a lost stream with GET and `Last-Event-ID`). Each plain `data:` event is"
+        " one line of Ollama's /api/chat stream, unchanged. `event: tool_calls` carries an"
+        " Ollama line that calls a device tool (the app runs it and posts the result);"
+        " `event: context` says what part of the history was left out of the prompt;"
+        ' `event: error` carries `{"error": "..."}` when something fails after the stream'
+        " has started."
     ),
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+APP_ID_QUERY = {
+    "name": "appID",
+    "in": "query",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_APP_ID},
+}
+
+APP_ID_PATH = {
+    "name": "appID",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_APP_ID},
+}
+
+RESUME = {
+    "summary": "Resume a reply's stream: the events after Last-Event-ID, then the rest live.",
+    "description": (
+        "Without Last-Event-ID, the appID's newest reply (running or finished) from its start."
+        " Works from any worker; events are kept for CHATTERD_EVENTS_KEEP seconds."
+    ),
+    "parameters": [
+        APP_ID_QUERY,
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+        },
+    ],
+    "responses": {
+        "200": SSE_STREAM,
+        "204": {"description": "Nothing more to send: the client has the whole reply."},
+        "404": _error("No reply to resume, or its events have expired."),
+        "422": _error("appID or Last-Event-ID is missing or wrong."),
+        "503": _error("The database is unavailable."),
+    },
 }
 
 CHAT_ERRORS = {
@@ -133,14 +173,57 @@ def document() -> dict[str, Any]:
                     "summary": "Chat: the appID's conversation to Ollama, the reply streamed.",
                     "requestBody": _json_body("ChatRequest"),
                     "responses": {"200": SSE_STREAM, **CHAT_ERRORS},
-                }
+                },
+                "get": RESUME,
             },
             "/llmtools": {
                 "post": {
                     "summary": "Chat with tools: the server's own and the device's.",
                     "requestBody": _json_body("ToolsRequest"),
                     "responses": {"200": SSE_STREAM, **CHAT_ERRORS},
-                }
+                },
+                "get": RESUME,
+            },
+            "/conversations/{appID}": {
+                "get": {
+                    "summary": "The stored conversation, oldest first, a page at a time.",
+                    "parameters": [
+                        APP_ID_PATH,
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "The `next` of the previous page.",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "One page of messages; `next` is null on the last.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Conversation"}
+                                }
+                            },
+                        },
+                        "422": _error("appID, limit or after is wrong."),
+                        "503": _error("The database is unavailable."),
+                    },
+                },
+                "delete": {
+                    "summary": "Forget the conversation and the app's device tools.",
+                    "parameters": [APP_ID_PATH],
+                    "responses": {
+                        "204": {"description": "Deleted (or there was nothing to delete)."},
+                        "409": _error("A reply for this appID has been running for too long."),
+                        "422": _error("appID is wrong."),
+                        "503": _error("The database is unavailable."),
+                    },
+                },
             },
             "/weather": {
                 "get": {
@@ -230,6 +313,29 @@ def document() -> dict[str, Any]:
                         "database": {"type": "object"},
                         "ollama": {"type": "object"},
                         "streams": {"type": "integer"},
+                    },
+                },
+                "Conversation": {
+                    "type": "object",
+                    "required": ["appID", "messages", "next"],
+                    "properties": {
+                        "appID": {"type": "string"},
+                        "messages": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/StoredMessage"},
+                        },
+                        "next": {"type": ["integer", "null"]},
+                    },
+                },
+                "StoredMessage": {
+                    "type": "object",
+                    "properties": {
+                        "role": {"enum": list(ROLES)},
+                        "content": {"type": "string"},
+                        "tool_calls": {"type": ["array", "null"]},
+                        "tool_name": {"type": ["string", "null"]},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "seq": {"type": "integer"},
                     },
                 },
                 "Error": {

@@ -185,6 +185,35 @@ def test_a_device_tool_call_goes_to_the_app_and_its_result_continues_the_chat(
     assert [role for role, _ in stored(db, app_id)] == ["user", "assistant", "tool", "assistant"]
 
 
+def test_a_device_call_the_app_never_answers_gets_a_result_saying_so(client, ollama, db, app_id):
+    """The app sends a new message instead of the tool's result: the history stays valid."""
+    location = tool_call("get_location", {})
+    ollama.script = calls_then_answers(location)
+    asked = post(client, "/llmtools", chat_body(app_id, "Where am I?", tools=[GET_LOCATION]))
+    assert asked.named("tool_calls")
+    ollama.script = lambda received: text_stream(MODEL, "Hello!")
+
+    post(client, "/llmtools", chat_body(app_id, "Never mind. Hi!", model=MODEL))
+
+    assert ollama.chats()[-1]["messages"] == [
+        {"role": "user", "content": "Where am I?"},
+        {"role": "assistant", "content": "", "tool_calls": [location]},
+        {
+            "role": "tool",
+            "content": "Error: the app did not return a result for this call.",
+            "tool_name": "get_location",
+        },
+        {"role": "user", "content": "Never mind. Hi!"},
+    ]
+    assert [role for role, _ in stored(db, app_id)] == [
+        "user",
+        "assistant",
+        "tool",
+        "user",
+        "assistant",
+    ]
+
+
 def test_device_tools_are_remembered_once_each_and_the_latest_declaration_wins(
     client, ollama, app_id
 ):

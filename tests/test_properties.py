@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -89,6 +90,8 @@ def check(response) -> None:
         assert response.headers["content-type"].startswith("application/json")
         error = response.json()["error"]
         assert isinstance(error, str) and error
+    elif response.status_code == 204:
+        assert response.content == b""
     elif response.headers["content-type"].startswith("text/event-stream"):
         for event in parse_events(text):
             json.loads(event.data)
@@ -128,3 +131,29 @@ def test_weather_survives_any_body_or_query(client, meteo, body, query):
 def test_any_bytes_get_an_answer(client, ollama, raw):
     for path in ("/llmchat", "/llmtools", "/llmprompt"):
         check(client.post(path, content=raw))
+
+
+# Text a URL can carry: lone surrogates cannot be encoded as UTF-8 at all.
+query_text = awkward_text.filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t))
+
+
+@SETTINGS
+@given(
+    app_id=query_text,
+    last_event_id=st.none()
+    | st.text(st.characters(min_codepoint=32, max_codepoint=126)).map(str.strip),
+    path=st.sampled_from(["/llmchat", "/llmtools"]),
+)
+def test_resume_survives_any_app_id_and_last_event_id(client, app_id, last_event_id, path):
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    check(client.get(path, params={"appID": app_id}, headers=headers))
+
+
+@SETTINGS
+@given(
+    app_id=query_text.filter(lambda t: t.strip("/.") != ""),
+    query=st.dictionaries(st.sampled_from(["limit", "after", "x"]), query_text),
+)
+def test_conversations_survive_any_app_id_and_query(client, app_id, query):
+    check(client.get(f"/conversations/{quote(app_id, safe='')}", params=query))
+    check(client.delete(f"/conversations/{quote(app_id, safe='')}"))
