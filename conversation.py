@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -295,7 +296,8 @@ class Chat:
             notices: list[Event] = []
             if fitted.omitted != told:
                 told = fitted.omitted
-                notices.append((None, "context", _trimmed(fitted, limit)))
+                trimmed = _notice(request.model, _trimmed(fitted, limit))
+                notices.append((None, "context", trimmed))
             reply, held = await self._stream_round(
                 request, fitted, window, offered, device_names, notices, outbox
             )
@@ -368,7 +370,7 @@ class Chat:
             if chunk.get("done") is True:
                 reply.done = True
                 if truncated := _truncated_by_ollama(chunk, fitted.tokens, window):
-                    notices.append((None, "context", truncated))
+                    notices.append((None, "context", _notice(request.model, truncated)))
             for notice in notices:
                 if held:
                     held.append(notice)
@@ -427,21 +429,38 @@ def _name(call_or_tool: Any) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _trimmed(fitted: budget.Fitted, limit: Budget) -> bytes:
-    return json.dumps(
-        {
-            "trimmed_by": "chatterd",
-            "omitted_messages": fitted.omitted,
-            "sent_messages": len(fitted.messages),
-            "estimated_tokens": fitted.tokens,
-            "max_messages": limit.max_messages,
-            "max_tokens": limit.max_tokens,
-        }
-    ).encode()
+def _notice(model: str, trimmed: dict[str, Any]) -> bytes:
+    """An `event: context` line, shaped as an Ollama line with no content.
+
+    The apps treat an event name they don't know as plain data and decode it as an Ollama
+    line, so one that does not know `context` sees an empty piece of the reply.
+    """
+    stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    line = {
+        "model": model,
+        "created_at": stamp,
+        "message": {"role": "assistant", "content": ""},
+        "done": False,
+        "trimmed": trimmed,
+    }
+    return json.dumps(line, separators=(",", ":")).encode()
 
 
-def _truncated_by_ollama(done: dict[str, Any], estimated: int, window: int) -> bytes | None:
-    """A notice when the prompt was over the context window and Ollama evaluated less.
+def _trimmed(fitted: budget.Fitted, limit: Budget) -> dict[str, Any]:
+    return {
+        "by": "chatterd",
+        "omitted_messages": fitted.omitted,
+        "sent_messages": len(fitted.messages),
+        "estimated_tokens": fitted.tokens,
+        "max_messages": limit.max_messages,
+        "max_tokens": limit.max_tokens,
+    }
+
+
+def _truncated_by_ollama(
+    done: dict[str, Any], estimated: int, window: int
+) -> dict[str, Any] | None:
+    """What Ollama cut, when the prompt was over the context window and it evaluated less.
 
     Ollama cuts such a prompt from the front without a word; `prompt_eval_count` only says
     how much it evaluated (less again when it reused a cached prefix), so chatterd speaks up
@@ -450,14 +469,12 @@ def _truncated_by_ollama(done: dict[str, Any], estimated: int, window: int) -> b
     evaluated = done.get("prompt_eval_count")
     if not isinstance(evaluated, int) or estimated <= window or evaluated > window:
         return None
-    return json.dumps(
-        {
-            "trimmed_by": "ollama",
-            "prompt_eval_count": evaluated,
-            "num_ctx": window,
-            "estimated_tokens": estimated,
-        }
-    ).encode()
+    return {
+        "by": "ollama",
+        "prompt_eval_count": evaluated,
+        "num_ctx": window,
+        "estimated_tokens": estimated,
+    }
 
 
 def _only_device_calls(chunk: dict[str, Any], line: bytes, device_names: set[str]) -> bytes:

@@ -133,9 +133,12 @@ def test_the_model_gets_the_newest_messages_and_the_client_is_told(
         "four",
     ]
     (notice,) = answer.named("context")
-    assert notice.json()["trimmed_by"] == "chatterd"
-    assert notice.json()["omitted_messages"] == 5
-    assert notice.json()["sent_messages"] == 4
+    trimmed = notice.json()["trimmed"]
+    assert trimmed["by"] == "chatterd"
+    assert trimmed["omitted_messages"] == 5 and trimmed["sent_messages"] == 4
+    # An app that doesn't know the event decodes it as an Ollama line with no content.
+    assert notice.json()["model"] == "gemma3:270m" and "created_at" in notice.json()
+    assert notice.json()["message"] == {"role": "assistant", "content": ""}
     assert answer.events[0].event == "context"  # before the reply, after Ollama accepted
     stored = db.execute("SELECT count(*) FROM chatts WHERE appid = %s", (app_id,)).fetchone()[0]
     assert stored == 10  # the history itself is kept whole
@@ -166,8 +169,8 @@ def test_the_client_is_told_when_ollama_cut_the_prompt(client, ollama, app_id):
     answer = post(client, "/llmchat", chat_body(app_id, long_question, options={"num_ctx": 128}))
 
     (notice,) = answer.named("context")
-    assert notice.json() == {
-        "trimmed_by": "ollama",
+    assert notice.json()["trimmed"] == {
+        "by": "ollama",
         "prompt_eval_count": 128,
         "num_ctx": 128,
         "estimated_tokens": budget.approx_tokens(Message("user", long_question)),
@@ -186,4 +189,4 @@ def test_the_token_budget_follows_the_requests_num_ctx(client, ollama, app_id):
 
     sent = ollama.chats()[0]["messages"]
     assert [m["content"] for m in sent] == ["c", "You said: c", "d"]
-    assert json.loads(answer.named("context")[0].data)["omitted_messages"] == 4
+    assert json.loads(answer.named("context")[0].data)["trimmed"]["omitted_messages"] == 4
