@@ -1,6 +1,6 @@
 """The chat pipeline shared by /llmchat and /llmtools.
 
-A request flows one way: its messages are stored and the whole history read back; the
+A request flows one way: its messages are stored and the newest history read back; the
 history goes to Ollama; each line Ollama streams is relayed to the client as it arrives;
 the reply is stored; tool calls, on /llmtools, are run (resident tools) or forwarded to
 the app (device tools), and the model is asked again, up to a bound on rounds.
