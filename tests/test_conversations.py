@@ -93,7 +93,10 @@ def test_delete_waits_for_a_running_reply_and_removes_it_too(client, ollama, app
     )
     streaming = threading.Thread(target=post, args=(client, "/llmchat", chat_body(app_id, "go")))
     streaming.start()
-    time.sleep(0.3)  # the reply is under way
+    deadline = time.monotonic() + 10
+    while not ollama.chats():  # the turn holds the conversation once it asks the model
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
     deleted = client.delete(f"/conversations/{app_id}")
     finished_first = not streaming.is_alive()
