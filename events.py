@@ -30,6 +30,7 @@ END = "end"  # the event name of a reply's END marker: never sent to a client
 FLUSH_SECONDS = 0.1  # how far the log may lag behind the live stream
 POLL_SECONDS = 0.2  # how often a resumed stream looks for new events
 MAX_BUFFERED = 100_000  # events kept for a later write while the database is away
+CUT_OFF = b'{"error":"the reply was cut off before it ended (chatterd stopped); it was not stored"}'
 
 
 @dataclass(frozen=True)
@@ -140,18 +141,24 @@ class EventLog:
         except psycopg.Error as exc:
             raise StoreError(f"the database could not read the stream: {reason(exc)}") from exc
 
-    async def follow(self, app_id: str, reply: int, after: int) -> AsyncIterator[list[LoggedEvent]]:
+    async def follow(
+        self, app_id: str, reply: int, after: int, read: list[LoggedEvent] | None = None
+    ) -> AsyncIterator[list[LoggedEvent]]:
         """The reply's events after `after`, in batches as they are logged, until its end.
 
-        A reply that was cut off (its turn's lease is gone and it has no END) ends with
-        an error event, whose id is one past the last: a client that reconnects with it has
-        seen everything.
+        `read` is what the caller has already read after `after`, if anything. A reply
+        that was cut off (its turn's lease is gone and it has no END) ends with an error
+        event, whose id is one past the last: a client that reconnects with it has seen
+        everything.
         """
+        events = read
         while True:
-            events = await self.read(app_id, reply, after)
+            if events is None:
+                events = await self.read(app_id, reply, after)
             if not events:
                 if await self.live(app_id, reply):
                     await asyncio.sleep(POLL_SECONDS)
+                    events = None
                     continue
                 events = await self.read(app_id, reply, after)  # it may have just ended
                 if not events:
@@ -162,7 +169,4 @@ class EventLog:
                 yield sendable
             if len(sendable) < len(events):
                 return
-            after = events[-1].id
-
-
-CUT_OFF = b'{"error":"the reply was cut off before it ended (chatterd stopped); it was not stored"}'
+            after, events = events[-1].id, None

@@ -120,14 +120,14 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
     if isinstance(first, Refusal):
         return JSONResponse({"error": first.error}, first.status)
 
-    async def events() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncIterator[bytes]:
         if first is None:
             return
         yield sse(*first)
         async for batch in outbox.rest():  # one write for all the events that are waiting
             yield b"".join([sse(*event) for event in batch])
 
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return EventSourceResponse(stream(), sep="\n", ping=15)
 
 
 def sse(event_id: int | None, event: str | None, data: bytes) -> bytes:
@@ -151,10 +151,8 @@ async def resume(request: Request) -> Response:
     request.state.app_id = app_id
     event_log: EventLog = request.app.state.chat.event_log
     last = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
-    if last and not (last.isascii() and last.isdigit() and len(last) < 19):
-        raise invalid(f"Last-Event-ID: must be an event id chatterd sent, not {last[:40]!r}")
     if last:
-        after = int(last)
+        after = parse_whole_number("Last-Event-ID", last, 0, 10**18 - 1)
         reply = events.reply_of(after)
     else:
         latest = await event_log.latest_reply(app_id)
@@ -176,15 +174,8 @@ async def resume(request: Request) -> Response:
         return Response(status_code=204)  # the client has seen the whole reply
 
     async def replay() -> AsyncIterator[bytes]:
-        start = after
-        if missed:
-            sendable = [event for event in missed if event.event != events.END]
-            yield b"".join([sse(e.id, e.event, e.data) for e in sendable])
-            if len(sendable) < len(missed):
-                return
-            start = missed[-1].id
         try:
-            async for batch in event_log.follow(app_id, reply, start):
+            async for batch in event_log.follow(app_id, reply, after, missed):
                 yield b"".join([sse(e.id, e.event, e.data) for e in batch])
         except StoreError as exc:
             yield sse(None, "error", json.dumps({"error": str(exc)}).encode())
@@ -199,8 +190,8 @@ async def conversation(request: Request) -> Response:
     """The stored conversation, oldest first, a page at a time."""
     app_id = parse_app_id(request.path_params["appID"])
     request.state.app_id = app_id
-    limit = parse_count(request.query_params, "limit", 100, 1, 1000)
-    after = parse_count(request.query_params, "after", 0, 0, 2**62)
+    limit = parse_whole_number("limit", request.query_params.get("limit", "100"), 1, 1000)
+    after = parse_whole_number("after", request.query_params.get("after", "0"), 0, 2**62)
     chat: Chat = request.app.state.chat
     page = await chat.history.page(app_id, after, limit + 1)  # one more: is there a next page?
     more = len(page) > limit
@@ -236,12 +227,11 @@ async def forget(request: Request) -> Response:
     return Response(status_code=204)
 
 
-def parse_count(query: Any, name: str, default: int, lowest: int, highest: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
+def parse_whole_number(name: str, raw: str, lowest: int, highest: int) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) < 20 and lowest <= int(raw) <= highest):
-        raise invalid(f"{name}: must be a whole number from {lowest} to {highest}, not {raw!r}")
+        raise invalid(
+            f"{name}: must be a whole number from {lowest} to {highest}, not {raw[:40]!r}"
+        )
     return int(raw)
 
 

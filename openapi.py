@@ -38,19 +38,16 @@ SSE_STREAM = {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 
-APP_ID_QUERY = {
-    "name": "appID",
-    "in": "query",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_APP_ID},
-}
 
-APP_ID_PATH = {
-    "name": "appID",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_APP_ID},
-}
+def _app_id(where: str) -> dict[str, Any]:
+    """The appID as a parameter: in the query, or in the path."""
+    return {
+        "name": "appID",
+        "in": where,
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_APP_ID},
+    }
+
 
 RESUME = {
     "summary": "Resume a reply's stream: the events after Last-Event-ID, then the rest live.",
@@ -59,7 +56,7 @@ RESUME = {
         " Works from any worker; events are kept for CHATTERD_EVENTS_KEEP seconds."
     ),
     "parameters": [
-        APP_ID_QUERY,
+        _app_id("query"),
         {
             "name": "Last-Event-ID",
             "in": "header",
@@ -188,7 +185,7 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "The stored conversation, oldest first, a page at a time.",
                     "parameters": [
-                        APP_ID_PATH,
+                        _app_id("path"),
                         {
                             "name": "limit",
                             "in": "query",
@@ -216,7 +213,7 @@ def document() -> dict[str, Any]:
                 },
                 "delete": {
                     "summary": "Forget the conversation and the app's device tools.",
-                    "parameters": [APP_ID_PATH],
+                    "parameters": [_app_id("path")],
                     "responses": {
                         "204": {"description": "Deleted (or there was nothing to delete)."},
                         "409": _error("A reply for this appID has been running for too long."),
