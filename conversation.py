@@ -40,7 +40,7 @@ import toolbox
 from budget import Budget
 from events import END, EventLog, first_id
 from history import History, StoreError, Turn
-from ollama import Message, OllamaError, Reply
+from ollama import Message, OllamaError, Reply, function_name
 
 log = logging.getLogger("chatterd")
 
@@ -286,7 +286,7 @@ class Chat:
 
     async def _converse(self, request: ChatRequest, turn: Turn, outbox: Outbox) -> None:
         offered = self._offered_tools(request, turn.device_tools)
-        device_names = {_name(tool) for tool in turn.device_tools} - toolbox.TOOLBOX.keys()
+        device_names = {function_name(tool) for tool in turn.device_tools} - toolbox.TOOLBOX.keys()
         window = budget.context_window(request.ollama_fields, self.limits.context_window)
         limit = Budget(self.limits.history_messages, self.limits.history_tokens or window * 3 // 4)
         messages, new, stored = turn.history, turn.new, turn.stored
@@ -365,7 +365,7 @@ class Chat:
             if isinstance(message, dict):
                 reply.add(message)
                 calls = message.get("tool_calls")
-                if calls and any(_name(call) in device_names for call in calls):
+                if calls and any(function_name(call) in device_names for call in calls):
                     event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
             if chunk.get("done") is True:
                 reply.done = True
@@ -391,21 +391,21 @@ class Chat:
         if not request.with_tools:
             return []
         resident = [tool.schema for tool in toolbox.TOOLBOX.values()]
-        return resident + [t for t in device_tools if _name(t) not in toolbox.TOOLBOX]
+        return resident + [t for t in device_tools if function_name(t) not in toolbox.TOOLBOX]
 
     async def _run_tools(
         self, calls: list[dict[str, Any]], device_names: set[str]
     ) -> list[Message]:
         """Results of the resident and unknown calls, in call order; device calls are the app's."""
-        answered = [call for call in calls if _name(call) not in device_names]
+        answered = [call for call in calls if function_name(call) not in device_names]
         results = await asyncio.gather(*(self._run_tool(call) for call in answered))
         return [
-            Message("tool", result, tool_name=_name(call))
+            Message("tool", result, tool_name=function_name(call))
             for call, result in zip(answered, results, strict=True)
         ]
 
     async def _run_tool(self, call: dict[str, Any]) -> str:
-        name = _name(call)
+        name = function_name(call)
         if name not in toolbox.TOOLBOX:
             return f"Error: there is no tool named {name!r}."
         try:
@@ -421,12 +421,6 @@ class Chat:
             await self.history.remove(app_id, stored)
         except StoreError as exc:
             log.error("could not undo a failed turn for an app: %s", exc)
-
-
-def _name(call_or_tool: Any) -> str:
-    function = call_or_tool.get("function") if isinstance(call_or_tool, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
-    return name if isinstance(name, str) else ""
 
 
 def _notice(model: str, trimmed: dict[str, Any]) -> bytes:
@@ -480,7 +474,7 @@ def _truncated_by_ollama(
 def _only_device_calls(chunk: dict[str, Any], line: bytes, device_names: set[str]) -> bytes:
     """The line as Ollama sent it, or, when it also calls resident tools, without those calls."""
     calls = chunk["message"]["tool_calls"]
-    device_calls = [call for call in calls if _name(call) in device_names]
+    device_calls = [call for call in calls if function_name(call) in device_names]
     if len(device_calls) == len(calls):
         return line
     message = {**chunk["message"], "tool_calls": device_calls}

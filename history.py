@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from ollama import ROLES, Message
+from ollama import ROLES, Message, function_name
 
 SCHEMA = Path(__file__).with_name("schema.sql")
 
@@ -108,12 +108,7 @@ def _unanswered_calls(history: list[Message]) -> list[str]:
 def _call_names(message: Message) -> list[str]:
     if message.role != "assistant" or not message.tool_calls:
         return []
-    names = []
-    for call in message.tool_calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        names.append(name if isinstance(name, str) else "")
-    return names
+    return [function_name(call) for call in message.tool_calls]
 
 
 class History:

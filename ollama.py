@@ -42,6 +42,13 @@ class Message:
         return wire
 
 
+def function_name(call_or_tool: Any) -> str:
+    """The function name of a tool call or a tool declaration; "" when it has none."""
+    function = call_or_tool.get("function") if isinstance(call_or_tool, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else ""
+
+
 @dataclass
 class Reply:
     """What the model said in one round: the pieces of every line, joined as they came."""
