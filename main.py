@@ -274,12 +274,8 @@ def cli(argv: list[str] | None = None) -> None:
         sys.exit(f"chatterd: {exc}")
     if "--workers-kill-timeout" not in args:
         args = ["--workers-kill-timeout", str(math.ceil(config.shutdown_grace)), *args]
-    if "--ssl-protocol-min" not in args:
-        args = [
-            "--ssl-protocol-min",
-            "tls1.2",
-            *args,
-        ]  # granian's default, 1.3, shuts out older phones
+    if "--ssl-protocol-min" not in args:  # granian's default, TLS 1.3, shuts out older phones
+        args = ["--ssl-protocol-min", "tls1.2", *args]
     embedded = None
     if config.database_url is None:
         embedded, os.environ["DATABASE_URL"] = start_embedded_postgres(config.data_dir)
