@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 
 import httpx
 import pytest
 
 from conftest import chatterd_env, free_port
-from sse import chat_body, parse_events, post, stored
+from sse import Answer, chat_body, post, stored
 from standins import Received, Reply, Stream, chat_line, done_line, text_stream
 
 
@@ -332,15 +333,22 @@ def test_no_database_connection_is_held_while_ollama_thinks(
         return text_stream("gemma3:270m", "quickly")
 
     ollama.script = script
-    with (
-        httpx.Client(base_url=server.url, timeout=30) as client,
-        client.stream("POST", "/llmchat", json=chat_body(app_id + ".slow", "slow")) as slow,
-    ):
-        started = time.monotonic()
-        quick = post(client, "/llmchat", chat_body(app_id + ".quick", "fast"))
-        elapsed = time.monotonic() - started
-        slow_events = parse_events(slow.read().decode())
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        slow: list[Answer] = []
+        waiting = threading.Thread(
+            target=lambda: slow.append(post(client, "/llmchat", chat_body(app_id + ".s", "slow")))
+        )
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while not ollama.chats():  # chatterd now waits on Ollama, which says nothing for 4 s
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
 
+        quick = post(client, "/llmchat", chat_body(app_id + ".quick", "fast"))
+        slow_still_waiting = waiting.is_alive()
+        waiting.join()
+
+    # A held connection would have made the quick request wait 2 s and fail with 503.
     assert quick.status == 200 and quick.text() == "quickly"
-    assert elapsed < 4  # answered while the slow stream was still waiting on Ollama
-    assert "".join(e.json()["message"]["content"] for e in slow_events) == "slowly"
+    assert slow_still_waiting
+    assert slow[0].text() == "slowly"
