@@ -33,7 +33,7 @@ import history
 import toolbox
 from conversation import Chat, Limits
 from events import EventLog
-from middleware import AccessLog, RequireAPIKey, configure_logging
+from middleware import AccessLog, CloseUnreadBody, RequireAPIKey, configure_logging
 
 log = logging.getLogger("chatterd")
 
@@ -241,7 +241,7 @@ server = Starlette(
         Route("/health", handlers.health, methods=["GET"]),
         Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
     ],
-    middleware=[Middleware(AccessLog), Middleware(RequireAPIKey)],
+    middleware=[Middleware(CloseUnreadBody), Middleware(AccessLog), Middleware(RequireAPIKey)],
     exception_handlers={
         handlers.ClientError: client_error,
         history.StoreError: store_error,

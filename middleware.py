@@ -1,4 +1,5 @@
-"""What wraps every request: the optional API-key check and the access log.
+"""What wraps every request: the optional API-key check, the access log, and closing a
+connection whose request body was left unread.
 
 Both are plain ASGI middleware, so streamed responses pass through untouched. They read
 their settings from the app's Config, which the lifespan puts on `app.state`.
@@ -49,6 +50,46 @@ def _authorized(scope: Scope, keys: tuple[str, ...]) -> bool:
     # Compare with every key, in constant time, so timing tells nothing about them.
     matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
     return any(matches)
+
+
+class CloseUnreadBody:
+    """Answer `Connection: close` when the response starts before the request body was read.
+
+    A refusal that does not read the body (401, an early 413) leaves the rest of it on the
+    connection, so granian closes the connection after the response; without this header it
+    does so unannounced, and a client that reuses the connection for its next request sees
+    "Server disconnected without sending a response".
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        body_read = False
+
+        async def receive_and_note_the_end() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_read = True
+            return message
+
+        async def send_closing_if_unread(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_read:
+                message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_and_note_the_end, send_closing_if_unread)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 class AccessLog:

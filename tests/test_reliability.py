@@ -25,9 +25,12 @@ CHATTERD = str(Path(sys.executable).parent / "chatterd")
 
 def test_a_body_over_the_limit_is_refused_with_413_unread(client, ollama, app_id):
     big = chat_body(app_id, "x" * (1024 * 1024))
-    answer = post(client, "/llmchat", big)
-    assert answer.status == 413
-    assert answer.body == {"error": "the body is larger than 1048576 bytes"}
+    refused = client.post("/llmchat", json=big)
+    assert refused.status_code == 413
+    assert refused.json() == {"error": "the body is larger than 1048576 bytes"}
+    # The rest of the body is left unread, so the connection can't carry another request:
+    # the server says so, and the client opens a new one for the next.
+    assert refused.headers["connection"] == "close"
 
     def chunks():  # no Content-Length: the limit applies while reading
         yield b'{"appID": "' + app_id.encode() + b'", "messages": [{"content": "'
@@ -36,6 +39,7 @@ def test_a_body_over_the_limit_is_refused_with_413_unread(client, ollama, app_id
 
     response = client.post("/llmtools", content=chunks())
     assert response.status_code == 413
+    assert response.headers["connection"] == "close"
     assert post(client, "/llmchat", chat_body(app_id, "still up?")).status == 200
     assert ollama.chats()[-1]["messages"] == [{"role": "user", "content": "still up?"}]
 

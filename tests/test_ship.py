@@ -281,6 +281,7 @@ def test_api_keys_when_configured(start_chatterd, database_url, ollama, meteo_st
         assert refused.status_code == 401
         assert "API key" in refused.json()["error"]
         assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert refused.headers["connection"] == "close"  # its body was never read
     assert right.status == 200 and right.text() == "You said: hi"
     assert open_health.status_code == 200
     assert ollama.chats() and len(ollama.chats()) == 1  # only the authorized one got through
