@@ -26,23 +26,23 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
-
-import httpx
+from typing import Any, TypeVar
 
 import budget
-import ollama
+import metrics
 import toolbox
+from admission import Admission, Shed
 from budget import Budget
 from events import END, EventLog, first_id
 from history import History, StoreError, Turn
-from ollama import Message, OllamaError, Reply, function_name
+from ollama import Message, OllamaError, Reply, empty_line, function_name
+from servers import NoServer
 
 log = logging.getLogger("chatterd")
+T = TypeVar("T")
 
 LEASE_SECONDS = 30.0  # how long a conversation lease outlives a holder that died
 SHUTTING_DOWN = "chatterd is shutting down; the reply was not stored"
@@ -58,6 +58,12 @@ class ChatRequest:
     ollama_fields: dict[str, Any] = field(default_factory=dict)  # options, format, keep_alive...
     declared_tools: list[dict[str, Any]] | None = None  # device tools sent with this request
     with_tools: bool = False  # /llmtools: offer resident and device tools
+    client: str = ""  # who asks, for the admission queue's turns
+    received: float = 0.0  # the event loop's time when the request arrived
+
+    @property
+    def route(self) -> str:
+        return "/llmtools" if self.with_tools else "/llmchat"
 
 
 # An SSE event: its id (None before the turn has one), its name (None: a plain data event)
@@ -71,6 +77,7 @@ class Refusal:
 
     status: int
     error: str
+    retry_after: int | None = None  # seconds, for a Retry-After header
 
 
 class StreamError(Exception):
@@ -83,6 +90,51 @@ class ConversationBusy(Exception):
     """Another request for the same appID held the conversation for too long."""
 
     status = 409
+
+
+class Stopped(Exception):
+    """The turn's stop button was pressed (POST /conversations/{appID}/stop)."""
+
+
+STOPPED_TOOL = "Error: the turn was stopped before this tool answered."
+
+
+class TurnControl:
+    """A running turn's stop button: pressing it interrupts what the turn is waiting for.
+
+    The turn runs its interruptible parts (waiting in the queue, streaming a round,
+    running tools) through `interruptible`, each as a task of its own that a press
+    cancels; the turn itself goes on, to store what was said and end the stream.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.ended = asyncio.Event()
+        self._current: asyncio.Task[Any] | None = None
+
+    def press(self) -> None:
+        self.pressed = True
+        if self._current is not None:
+            self._current.cancel()
+
+    async def interruptible(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await `work`; raise Stopped if the button is (or gets) pressed meanwhile."""
+        if self.pressed:
+            work.close()
+            raise Stopped
+        task = asyncio.ensure_future(work)
+        self._current = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:  # the turn itself is cancelled (shutdown)
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        finally:
+            self._current = None
+        if task.cancelled():
+            raise Stopped
+        return task.result()
 
 
 class Outbox:
@@ -107,7 +159,7 @@ class Outbox:
         self.started = True
         self._queue.put_nowait((self._log_event(event, data), event, data))
 
-    def fail(self, status: int, error: str) -> None:
+    def fail(self, status: int, error: str, retry_after: int | None = None) -> None:
         """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
         if self.failed:
             return
@@ -117,7 +169,7 @@ class Outbox:
             self.send("error", data)
         else:
             self._log_event("error", data)  # a resumed stream hears of it too
-            self._queue.put_nowait(Refusal(status, error))
+            self._queue.put_nowait(Refusal(status, error, retry_after))
 
     def end(self) -> None:
         """Mark the end of the reply in the log; later events go to this response only."""
@@ -170,16 +222,17 @@ class Chat:
         self,
         history: History,
         event_log: EventLog,
-        ollama_client: httpx.AsyncClient,
+        admission: Admission,
         tool_env: toolbox.ToolEnv,
         limits: Limits,
     ) -> None:
         self.history = history
         self.event_log = event_log
-        self.ollama = ollama_client
+        self.admission = admission
         self.tool_env = tool_env
         self.limits = limits
         self._running: set[asyncio.Task[None]] = set()
+        self._turns: dict[str, TurnControl] = {}  # this worker's turns that hold their lease
 
     @property
     def running(self) -> int:
@@ -192,6 +245,20 @@ class Chat:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return outbox
+
+    async def stop(self, app_id: str, wait: float) -> bool:
+        """Press the stop button of the appID's turn, if this worker runs it, and wait
+        up to `wait` seconds for the turn to end. False when it runs no turn of the appID."""
+        control = self._turns.get(app_id)
+        if control is None:
+            return False
+        control.press()
+        try:
+            async with asyncio.timeout(wait):
+                await control.ended.wait()
+        except TimeoutError:
+            log.warning("a stopped turn did not end within %g s", wait)
+        return True
 
     async def finish(self, grace: float) -> None:
         """Let running pipelines finish for up to `grace` seconds, then cancel the rest."""
@@ -207,27 +274,32 @@ class Chat:
         try:
             async with self.lease(request.app_id) as reply:
                 outbox.begin(reply)
+                control = self._turns[request.app_id] = TurnControl()
                 try:
-                    await self._turn(request, outbox)
+                    await self._turn(request, outbox, control)
                 except asyncio.CancelledError:
                     outbox.fail(503, SHUTTING_DOWN)
                     raise
                 finally:
+                    del self._turns[request.app_id]
                     outbox.end()
                     # Resumed streams must find the END before the lease goes.
                     await asyncio.shield(self.event_log.flush())
+                    control.ended.set()
         except (ConversationBusy, StoreError) as exc:
+            metrics.error("busy" if isinstance(exc, ConversationBusy) else "database")
             outbox.fail(exc.status, str(exc))
         except asyncio.CancelledError:
             outbox.fail(503, SHUTTING_DOWN)
             raise
         except Exception:
             log.exception("chat pipeline failed")
+            metrics.error("internal")
             outbox.fail(500, "internal error in chatterd")
         finally:
             outbox.close()
 
-    async def _turn(self, request: ChatRequest, outbox: Outbox) -> None:
+    async def _turn(self, request: ChatRequest, outbox: Outbox, control: TurnControl) -> None:
         """One turn, all or nothing: on failure the rows it wrote are removed again."""
         stored: list[int] = []  # grows as the turn writes rows; _converse appends to it
         try:
@@ -238,10 +310,11 @@ class Chat:
                 window=self.limits.history_messages,
             )
             stored = turn.stored
-            await self._converse(request, turn, outbox)
-        except (OllamaError, StoreError, StreamError) as exc:
+            await self._converse(request, turn, outbox, control)
+        except (OllamaError, StoreError, StreamError, NoServer, Shed) as exc:
             await self._undo(request.app_id, stored)
-            outbox.fail(exc.status, str(exc))
+            metrics.error(error_kind(exc))
+            outbox.fail(exc.status, str(exc), getattr(exc, "retry_after", None))
         except BaseException:
             await asyncio.shield(self._undo(request.app_id, stored))
             raise
@@ -284,30 +357,65 @@ class Chat:
             except StoreError as exc:
                 log.warning("could not renew a conversation lease: %s", exc)
 
-    async def _converse(self, request: ChatRequest, turn: Turn, outbox: Outbox) -> None:
+    async def _converse(
+        self, request: ChatRequest, turn: Turn, outbox: Outbox, control: TurnControl
+    ) -> None:
         offered = self._offered_tools(request, turn.device_tools)
         device_names = {function_name(tool) for tool in turn.device_tools} - toolbox.TOOLBOX.keys()
         window = budget.context_window(request.ollama_fields, self.limits.context_window)
         limit = Budget(self.limits.history_messages, self.limits.history_tokens or window * 3 // 4)
         messages, new, stored = turn.history, turn.new, turn.stored
         told = 0  # how many left-out messages the client has been told of
-        for _ in range(self.limits.max_rounds):
+        for round_number in range(self.limits.max_rounds):
             fitted = budget.fit(messages, new, limit, turn.unread)
             notices: list[Event] = []
             if fitted.omitted != told:
                 told = fitted.omitted
-                trimmed = _notice(request.model, _trimmed(fitted, limit))
+                trimmed = empty_line(request.model, trimmed=_trimmed(fitted, limit))
                 notices.append((None, "context", trimmed))
-            reply, held = await self._stream_round(
-                request, fitted, window, offered, device_names, notices, outbox
-            )
+            reply = Reply()
+            try:
+                held = await control.interruptible(
+                    self._stream_round(
+                        request,
+                        fitted,
+                        window,
+                        offered,
+                        device_names,
+                        notices,
+                        outbox,
+                        reply,
+                        continuing=round_number > 0,
+                    )
+                )
+            except Stopped:
+                if round_number == 0 and not reply.began:  # it never reached Ollama
+                    await self._undo(request.app_id, stored)
+                    self._end_stopped(request, outbox, "waiting")
+                    return
+                rows = [(reply.spoken(), reply.thinking)] if reply.began else []
+                await self.history.complete(request.app_id, rows, stored)
+                self._end_stopped(request, outbox, "running")
+                return
             if not reply.tool_calls:
                 await self.history.complete(
                     request.app_id, [(reply.as_message(), reply.thinking)], stored
                 )
                 return
-            results = await self._run_tools(reply.tool_calls, device_names)
             call = reply.as_message()
+            try:
+                results = await control.interruptible(
+                    self._run_tools(reply.tool_calls, device_names)
+                )
+            except Stopped:
+                answered = [c for c in reply.tool_calls if function_name(c) not in device_names]
+                results = [
+                    Message("tool", STOPPED_TOOL, tool_name=function_name(c)) for c in answered
+                ]
+                rows = [(call, reply.thinking), *((result, None) for result in results)]
+                await self.history.complete(request.app_id, rows, stored)
+                self._end_stopped(request, outbox, "running")
+                return
             rows = [(call, reply.thinking), *((result, None) for result in results)]
             if held:
                 # Device calls: the app runs them and posts the results as a new request,
@@ -316,6 +424,7 @@ class Chat:
                 for _, event, data in held:
                     outbox.send(event, data)
                 return
+            metrics.tool_round()
             stored += await self.history.append(request.app_id, rows)
             messages = [*messages, call, *results]
             new += 1 + len(results)
@@ -323,6 +432,10 @@ class Chat:
             f"the model was still calling tools after {self.limits.max_rounds} rounds;"
             " the turn was stopped and not stored"
         )
+
+    def _end_stopped(self, request: ChatRequest, outbox: Outbox, state: str) -> None:
+        metrics.stopped(state)
+        outbox.send(None, empty_line(request.model, done=True, done_reason="stopped"))
 
     async def _stream_round(
         self,
@@ -333,12 +446,17 @@ class Chat:
         device_names: set[str],
         notices: list[Event],
         outbox: Outbox,
-    ) -> tuple[Reply, list[Event]]:
-        """Ask Ollama once and relay its lines as they come.
+        reply: Reply,
+        *,
+        continuing: bool,
+    ) -> list[Event]:
+        """Ask Ollama once, through the admission queue, and relay its lines as they come.
 
+        While the request waits for a slot, `event: queued` tells the client its place.
         `notices` go out just before Ollama's first line, so that a refusal still comes
-        as an HTTP status. Returns the reply and the events held back: from the first line
-        that calls a device tool on, lines wait until the call is stored (see _converse).
+        as an HTTP status. Fills `reply` as lines come (a stop leaves it partial) and
+        returns the events held back: from the first line that calls a device tool on,
+        lines wait until the call is stored (see _converse).
         """
         body: dict[str, Any] = {
             **request.ollama_fields,
@@ -348,42 +466,71 @@ class Chat:
         }
         if offered:
             body["tools"] = offered
-        reply = Reply()
+
+        def tell_position(position: int) -> None:
+            queued = empty_line(request.model, queued={"position": position})
+            outbox.send("queued", queued)
+
+        generation = await self.admission.generate(
+            request.client,
+            request.model,
+            "/api/chat",
+            json.dumps(body, ensure_ascii=False).encode(),
+            tell_position,
+            continuing=continuing,
+        )
+        reply.began = True
         held: list[Event] = []
-        async for line in ollama.chat_lines(self.ollama, body):
-            try:
-                chunk = json.loads(line)
-            except ValueError:
-                chunk = None
-            if not isinstance(chunk, dict):
-                text = line[:200].decode(errors="replace")
-                raise StreamError(f"Ollama sent a line that is not a JSON object: {text}")
-            if "error" in chunk:
-                raise StreamError(f"Ollama: {chunk['error']}")
-            event = None
-            message = chunk.get("message")
-            if isinstance(message, dict):
-                reply.add(message)
-                calls = message.get("tool_calls")
-                if calls and any(function_name(call) in device_names for call in calls):
-                    event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
-            if chunk.get("done") is True:
-                reply.done = True
-                if truncated := _truncated_by_ollama(chunk, fitted.tokens, window):
-                    notices.append((None, "context", _notice(request.model, truncated)))
-            for notice in notices:
-                if held:
-                    held.append(notice)
+        relayed = 0
+        try:
+            async for line in generation.lines():
+                try:
+                    chunk = json.loads(line)
+                except ValueError:
+                    chunk = None
+                if not isinstance(chunk, dict):
+                    text = line[:200].decode(errors="replace")
+                    raise StreamError(f"Ollama sent a line that is not a JSON object: {text}")
+                if "error" in chunk:
+                    raise StreamError(f"Ollama: {chunk['error']}")
+                event = None
+                message = chunk.get("message")
+                if isinstance(message, dict):
+                    reply.add(message)
+                    calls = message.get("tool_calls")
+                    if calls and any(function_name(call) in device_names for call in calls):
+                        event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
+                if chunk.get("done") is True:
+                    reply.done = True
+                    metrics.model_speed(
+                        request.model, chunk.get("eval_count"), chunk.get("eval_duration")
+                    )
+                    if truncated := _truncated_by_ollama(chunk, fitted.tokens, window):
+                        notices.append(
+                            (None, "context", empty_line(request.model, trimmed=truncated))
+                        )
+                elif not relayed and not continuing:
+                    metrics.first_token(
+                        request.route, asyncio.get_running_loop().time() - request.received
+                    )
+                if not reply.done:
+                    relayed += 1
+                for notice in notices:
+                    if held:
+                        held.append(notice)
+                    else:
+                        outbox.send(notice[1], notice[2])
+                notices = []
+                if event or held:
+                    held.append((None, event, line))
                 else:
-                    outbox.send(notice[1], notice[2])
-            notices = []
-            if event or held:
-                held.append((None, event, line))
-            else:
-                outbox.send(None, line)
+                    outbox.send(None, line)
+        finally:
+            metrics.reply_tokens(request.model, relayed)
+            await generation.aclose()
         if not reply.done:
             raise StreamError("Ollama's stream ended before its last (done) line")
-        return reply, held
+        return held
 
     def _offered_tools(
         self, request: ChatRequest, device_tools: list[dict[str, Any]]
@@ -407,14 +554,19 @@ class Chat:
     async def _run_tool(self, call: dict[str, Any]) -> str:
         name = function_name(call)
         if name not in toolbox.TOOLBOX:
+            metrics.tool_call("unknown", "error")
             return f"Error: there is no tool named {name!r}."
         try:
-            return await toolbox.run(self.tool_env, name, call["function"].get("arguments"))
+            result = await toolbox.run(self.tool_env, name, call["function"].get("arguments"))
         except toolbox.ToolError as exc:
+            metrics.tool_call(name, "error")
             return f"Error: {exc}"
         except Exception:
             log.exception("resident tool %s failed", name)
+            metrics.tool_call(name, "error")
             return f"Error: the tool {name} failed unexpectedly."
+        metrics.tool_call(name, "ok")
+        return result
 
     async def _undo(self, app_id: str, stored: list[int]) -> None:
         try:
@@ -423,21 +575,17 @@ class Chat:
             log.error("could not undo a failed turn for an app: %s", exc)
 
 
-def _notice(model: str, trimmed: dict[str, Any]) -> bytes:
-    """An `event: context` line, shaped as an Ollama line with no content.
-
-    The apps treat an event name they don't know as plain data and decode it as an Ollama
-    line, so one that does not know `context` sees an empty piece of the reply.
-    """
-    stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    line = {
-        "model": model,
-        "created_at": stamp,
-        "message": {"role": "assistant", "content": ""},
-        "done": False,
-        "trimmed": trimmed,
-    }
-    return json.dumps(line, separators=(",", ":")).encode()
+def error_kind(exc: Exception) -> str:
+    """The `kind` label of chatterd_errors_total for a failure reported to a client."""
+    if isinstance(exc, Shed):
+        return "queue_full" if exc.status == 503 else "client_queue_full"
+    if isinstance(exc, NoServer):
+        return "model_not_found" if exc.status == 404 else "no_server"
+    if isinstance(exc, OllamaError):
+        return "ollama_unreachable" if exc.unreachable else "ollama_refused"
+    if isinstance(exc, StreamError):
+        return "ollama_stream"
+    return "database"
 
 
 def _trimmed(fitted: budget.Fitted, limit: Budget) -> dict[str, Any]:

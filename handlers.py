@@ -6,26 +6,31 @@ raised here as ClientError and rendered by main's exception handler.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 import events
-import ollama
+import metrics
 import toolbox
-from conversation import Chat, ChatRequest, ConversationBusy, Refusal
+from admission import Admission, Shed
+from conversation import Chat, ChatRequest, ConversationBusy, Refusal, error_kind
 from events import EventLog
 from history import StoreError
 from ollama import ROLES, Message, OllamaError
+from servers import NoServer, Servers
 
 MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
+STOP_WAIT_SECONDS = 5.0  # how long POST .../stop waits for the stopped turn to be stored
+T = TypeVar("T")
 OLLAMA_FIELDS = ("options", "format", "keep_alive", "think")
 
 
@@ -73,28 +78,67 @@ async def read_json(request: Request) -> Any:
 
 
 async def llmprompt(request: Request) -> Response:
-    """Relay Ollama's /api/generate, byte for byte, as it streams."""
+    """Relay Ollama's /api/generate, byte for byte, as it streams.
+
+    It waits its turn in the admission queue like any generation, silently (the NDJSON
+    stream has no place for notices). A client that goes away, while it waits or while
+    the answer streams, stops the generation at once: nothing is stored for it.
+    """
     body = await read_body(request)
     prompt = parse_json(body)
     if not isinstance(prompt, dict):
         raise invalid("body: must be a JSON object")
-    client: httpx.AsyncClient = request.app.state.ollama
+    model = prompt.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model: must be a non-empty string")
+    admission: Admission = request.app.state.admission
+    received = asyncio.get_running_loop().time()
     try:
-        response = await ollama.post(client, "/api/generate", body)
-    except OllamaError as exc:
-        return JSONResponse({"error": exc.error}, exc.status)
+        generation = await until_disconnected(
+            request, admission.generate(request.state.client, model, "/api/generate", body)
+        )
+    except (OllamaError, NoServer, Shed) as exc:
+        metrics.error(error_kind(exc))
+        return refusal(exc.status, str(exc), getattr(exc, "retry_after", None))
+    if generation is None:
+        metrics.client_disconnected()
+        return Response(status_code=499)  # nobody is there to read it
+    metrics.first_token("/llmprompt", asyncio.get_running_loop().time() - received)
 
     async def relay() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError:
-            pass  # Ollama broke off: the client sees the stream end without a done line
-        finally:
-            await response.aclose()
+        with streaming():
+            try:
+                async for chunk in generation.chunks():
+                    yield chunk
+            except OllamaError:
+                pass  # Ollama broke off: the client sees the stream end without a done line
+            finally:
+                await generation.aclose()
 
-    media_type = response.headers.get("content-type", "application/x-ndjson")
-    return StreamingResponse(relay(), media_type=media_type)
+    return StreamingResponse(relay(), media_type="application/x-ndjson")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it and return None if the client goes away first.
+
+    Once the body has been read, the next ASGI message is the client's disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    return None
+
+
+def refusal(status: int, error: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": error}, status, headers=headers)
 
 
 # POST /llmchat and POST /llmtools
@@ -110,7 +154,9 @@ async def llmtools(request: Request) -> Response:
 
 async def _chat(request: Request, *, with_tools: bool) -> Response:
     config = request.app.state.config
+    received = asyncio.get_running_loop().time()
     chat_request = parse_chat(await read_json(request), config.max_messages, with_tools=with_tools)
+    chat_request.client, chat_request.received = request.state.client, received
     request.state.app_id = chat_request.app_id
     if config.log_content:
         request.state.content = [message.content for message in chat_request.messages]
@@ -118,16 +164,30 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
     outbox = chat.start(chat_request)
     first = await outbox.first()
     if isinstance(first, Refusal):
-        return JSONResponse({"error": first.error}, first.status)
+        return refusal(first.status, first.error, first.retry_after)
 
     async def stream() -> AsyncIterator[bytes]:
         if first is None:
             return
-        yield sse(*first)
-        async for batch in outbox.rest():  # one write for all the events that are waiting
-            yield b"".join([sse(*event) for event in batch])
+        with streaming():
+            yield sse(*first)
+            async for batch in outbox.rest():  # one write for all the events that are waiting
+                yield b"".join([sse(*event) for event in batch])
 
     return EventSourceResponse(stream(), sep="\n", ping=15)
+
+
+@contextmanager
+def streaming() -> Iterator[None]:
+    """Count a stream while it is open, and a client that left before its end."""
+    metrics.stream_opened()
+    try:
+        yield
+    except GeneratorExit:
+        metrics.client_disconnected()
+        raise
+    finally:
+        metrics.stream_closed()
 
 
 def sse(event_id: int | None, event: str | None, data: bytes) -> bytes:
@@ -174,11 +234,14 @@ async def resume(request: Request) -> Response:
         return Response(status_code=204)  # the client has seen the whole reply
 
     async def replay() -> AsyncIterator[bytes]:
-        try:
-            async for batch in event_log.follow(app_id, reply, after, missed):
-                yield b"".join([sse(e.id, e.event, e.data) for e in batch])
-        except StoreError as exc:
-            yield sse(None, "error", json.dumps({"error": str(exc)}).encode())
+        with streaming():
+            try:
+                async for batch in event_log.follow(app_id, reply, after, missed):
+                    yield b"".join([sse(e.id, e.event, e.data) for e in batch])
+            except StoreError as exc:
+                yield sse(None, "error", json.dumps({"error": str(exc)}).encode())
+
+    metrics.resumed()
 
     return EventSourceResponse(replay(), sep="\n", ping=15)
 
@@ -225,6 +288,16 @@ async def forget(request: Request) -> Response:
     except ConversationBusy as exc:
         raise ClientError(exc.status, str(exc)) from None
     return Response(status_code=204)
+
+
+async def stop(request: Request) -> Response:
+    """Stop the appID's running or waiting turn; what was said so far is stored."""
+    app_id = parse_app_id(request.path_params["appID"])
+    request.state.app_id = app_id
+    chat: Chat = request.app.state.chat
+    if not await chat.stop(app_id, STOP_WAIT_SECONDS):
+        raise ClientError(404, "no turn of this appID is running or waiting")
+    return JSONResponse({"appID": app_id, "stopped": True})
 
 
 def parse_whole_number(name: str, raw: str, lowest: int, highest: int) -> int:
@@ -385,18 +458,32 @@ def parse_coordinate(where: Any, name: str) -> float:
 
 
 async def health(request: Request) -> Response:
-    """200 while the database answers, 503 when it doesn't; Ollama's state is reported."""
+    """200 while the database answers, 503 when it doesn't; the Ollama servers' last known
+    state is reported (the background check keeps it, so this stays quick)."""
     chat: Chat = request.app.state.chat
+    servers: Servers = request.app.state.servers
     database = await chat.history.status()
-    ollama_state = await ollama.version(request.app.state.ollama)
-    healthy = database["reachable"] and ollama_state["reachable"]
+    ollama_servers = servers.status()
+    up = [server for server in ollama_servers if server["up"]]
+    healthy = database["reachable"] and bool(up)
     body = {
         "status": "ok" if healthy else "degraded",
         "database": database,
-        "ollama": ollama_state,
+        "ollama": {
+            "reachable": bool(up),
+            "version": up[0]["version"] if up else None,
+            "servers": ollama_servers,
+        },
         "streams": chat.running,
+        "queue": {"waiting": chat.admission.waiting},
     }
     return JSONResponse(body, 200 if database["reachable"] else 503)
+
+
+async def metrics_page(request: Request) -> Response:
+    """Prometheus' text format, summed over every worker of this chatterd."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 async def openapi_json(request: Request) -> Response:

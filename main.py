@@ -1,19 +1,18 @@
 """chatterd: the app, its configuration, its lifespan and its routes.
 
-Run it with `uv run chatterd [granian options]`, or as the tutorial's systemd unit does,
-`granian --interface asgi main:server`.
+Run it with `uv run chatterd [granian options]` (cli.py), or as the tutorial's systemd
+unit does, `granian --interface asgi main:server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
-import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,14 @@ from starlette.routing import Route
 
 import handlers
 import history
+import metrics
 import toolbox
+from admission import Admission
+from admission import Limits as AdmissionLimits
 from conversation import Chat, Limits
 from events import EventLog
-from middleware import AccessLog, CloseUnreadBody, RequireAPIKey, configure_logging
+from middleware import AccessLog, Authenticate, CloseUnreadBody, configure_logging
+from servers import Server, Servers
 
 log = logging.getLogger("chatterd")
 
@@ -48,7 +51,7 @@ class Config:
 
     database_url: str | None
     data_dir: Path
-    ollama_base_url: str
+    ollama_base_urls: tuple[str, ...]
     open_meteo_url: str
     db_pool_min: int
     db_pool_max: int
@@ -56,6 +59,10 @@ class Config:
     ollama_connect_timeout: float
     ollama_timeout: float
     ollama_max_connections: int
+    ollama_parallel: int
+    ollama_check_seconds: float
+    queue_max: int
+    queue_per_client: int
     weather_timeout: float
     max_tool_rounds: int
     conversation_wait: float
@@ -67,6 +74,8 @@ class Config:
     events_keep: float
     shutdown_grace: float
     api_keys: tuple[str, ...]
+    metrics_key: str | None
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
     log_format: str
     log_content: bool
 
@@ -91,14 +100,28 @@ class Config:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
             return value
 
-        ollama_url = env.get("OLLAMA_BASE_URL", "").strip() or "http://localhost:11434"
-        ollama_url = ollama_url.rstrip("/").removesuffix("/api")  # the tutorial ends it in /api
+        def listed(name: str) -> list[str]:
+            return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+        ollama_urls = [
+            url.rstrip("/").removesuffix("/api")  # the tutorial ends it in /api
+            for url in listed("OLLAMA_BASE_URL") or ["http://localhost:11434"]
+        ]
+        for url in ollama_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"OLLAMA_BASE_URL: {url!r} is not an http:// or https:// URL")
+        try:
+            proxies = tuple(
+                ip_network(item, strict=False) for item in listed("CHATTERD_TRUSTED_PROXIES")
+            )
+        except ValueError as exc:
+            raise ConfigError(f"CHATTERD_TRUSTED_PROXIES: {exc}") from None
         return cls(
             database_url=env.get("DATABASE_URL", "").strip() or None,
             data_dir=Path(
                 env.get("CHATTERD_DATA_DIR", "").strip() or platformdirs.user_data_dir("chatterd")
             ),
-            ollama_base_url=ollama_url,
+            ollama_base_urls=tuple(dict.fromkeys(ollama_urls)),
             open_meteo_url=env.get("OPEN_METEO_URL", "").strip()
             or "https://api.open-meteo.com/v1/forecast",
             db_pool_min=number("CHATTERD_DB_POOL_MIN", 1, int),
@@ -107,6 +130,10 @@ class Config:
             ollama_connect_timeout=number("CHATTERD_OLLAMA_CONNECT_TIMEOUT", 10.0),
             ollama_timeout=number("CHATTERD_OLLAMA_TIMEOUT", 1200.0),
             ollama_max_connections=number("CHATTERD_OLLAMA_MAX_CONNECTIONS", 1000, int),
+            ollama_parallel=number("CHATTERD_OLLAMA_PARALLEL", 4, int),
+            ollama_check_seconds=number("CHATTERD_OLLAMA_CHECK_SECONDS", 5.0),
+            queue_max=number("CHATTERD_QUEUE_MAX", 512, int),
+            queue_per_client=number("CHATTERD_QUEUE_PER_CLIENT", 32, int),
             weather_timeout=number("CHATTERD_WEATHER_TIMEOUT", 10.0),
             max_tool_rounds=number("CHATTERD_MAX_TOOL_ROUNDS", 8, int),
             conversation_wait=number("CHATTERD_CONVERSATION_WAIT", 120.0),
@@ -117,9 +144,9 @@ class Config:
             context_window=number("CHATTERD_CONTEXT_WINDOW", 4096, int),
             events_keep=number("CHATTERD_EVENTS_KEEP", 3600.0),
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
-            api_keys=tuple(
-                key.strip() for key in env.get("CHATTERD_API_KEYS", "").split(",") if key.strip()
-            ),
+            api_keys=tuple(listed("CHATTERD_API_KEYS")),
+            metrics_key=env.get("CHATTERD_METRICS_KEY", "").strip() or None,
+            trusted_proxies=proxies,
             log_format=choice("CHATTERD_LOG_FORMAT", ("text", "json")),
             log_content=choice("CHATTERD_LOG_CONTENT", ("0", "1")) == "1",
         )
@@ -167,12 +194,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             open=False,
         )
         await pool.open()
-        ollama_client = httpx.AsyncClient(
-            base_url=config.ollama_base_url,
-            timeout=httpx.Timeout(config.ollama_timeout, connect=config.ollama_connect_timeout),
-            limits=httpx.Limits(
-                max_connections=config.ollama_max_connections, max_keepalive_connections=100
-            ),
+        servers = Servers(
+            [Server(url, ollama_client(config, url)) for url in config.ollama_base_urls],
+            config.ollama_check_seconds,
+        )
+        await servers.check_all()  # so that the first requests go where the models are
+        admission = Admission(
+            servers,
+            AdmissionLimits(config.ollama_parallel, config.queue_max, config.queue_per_client),
         )
         weather_client = httpx.AsyncClient(timeout=config.weather_timeout)
         tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
@@ -180,7 +209,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         chat = Chat(
             history.History(pool, role_column),
             event_log,
-            ollama_client,
+            admission,
             tool_env,
             Limits(
                 max_rounds=config.max_tool_rounds,
@@ -190,22 +219,51 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 context_window=config.context_window,
             ),
         )
-        app.state.ollama = ollama_client
+        app.state.servers = servers
+        app.state.admission = admission
         app.state.tool_env = tool_env
         app.state.chat = chat
-        log_writer = asyncio.create_task(event_log.run())
+        background = [
+            asyncio.create_task(event_log.run()),
+            asyncio.create_task(servers.run()),
+            asyncio.create_task(report_pool(pool)),
+        ]
         try:
             yield
         finally:
             await chat.finish(config.shutdown_grace)
-            log_writer.cancel()
+            for task in background:
+                task.cancel()
             await event_log.flush()
-            await ollama_client.aclose()
+            await servers.aclose()
             await weather_client.aclose()
             await pool.close()
+            metrics.worker_exits()
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)
+
+
+def ollama_client(config: Config, base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(config.ollama_timeout, connect=config.ollama_connect_timeout),
+        limits=httpx.Limits(
+            max_connections=config.ollama_max_connections, max_keepalive_connections=100
+        ),
+    )
+
+
+async def report_pool(pool: AsyncConnectionPool) -> None:
+    """Keep the database pool's gauges current (each worker reports its own pool)."""
+    while True:
+        stats = pool.get_stats()
+        idle = stats["pool_available"]
+        metrics.pool(in_use=stats["pool_size"] - idle, idle=idle)
+        await asyncio.sleep(POOL_REPORT_SECONDS)
+
+
+POOL_REPORT_SECONDS = 2.0
 
 
 async def client_error(request: Request, exc: Exception) -> JSONResponse:
@@ -235,13 +293,15 @@ server = Starlette(
         Route("/llmtools", handlers.llmtools, methods=["POST"]),
         Route("/llmchat", handlers.resume, methods=["GET"]),
         Route("/llmtools", handlers.resume, methods=["GET"]),
+        Route("/conversations/{appID:path}/stop", handlers.stop, methods=["POST"]),
         Route("/conversations/{appID:path}", handlers.conversation, methods=["GET"]),
         Route("/conversations/{appID:path}", handlers.forget, methods=["DELETE"]),
         Route("/weather", handlers.weather, methods=["GET"]),
         Route("/health", handlers.health, methods=["GET"]),
+        Route("/metrics", handlers.metrics_page, methods=["GET"]),
         Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
     ],
-    middleware=[Middleware(CloseUnreadBody), Middleware(AccessLog), Middleware(RequireAPIKey)],
+    middleware=[Middleware(CloseUnreadBody), Middleware(AccessLog), Middleware(Authenticate)],
     exception_handlers={
         handlers.ClientError: client_error,
         history.StoreError: store_error,
@@ -250,37 +310,3 @@ server = Starlette(
     },
     lifespan=lifespan,
 )
-
-
-def cli(argv: list[str] | None = None) -> None:
-    """`chatterd [granian options]`: serve main:server with granian's own flags and defaults.
-
-    Without DATABASE_URL, the embedded PostgreSQL is started here, once, and the workers
-    inherit its URL; it is stopped when granian returns. Workers that are still streaming
-    `CHATTERD_SHUTDOWN_GRACE` seconds after SIGTERM are killed (granian's
-    `--workers-kill-timeout`), and their unfinished turns are left out of the history.
-    """
-    from granian.cli import cli as granian
-
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["gencert"]:
-        import certificates
-
-        certificates.gencert(args[1:])
-        return
-    try:
-        config = Config.from_env(os.environ)  # fail before spawning workers when it is wrong
-    except ConfigError as exc:
-        sys.exit(f"chatterd: {exc}")
-    if "--workers-kill-timeout" not in args:
-        args = ["--workers-kill-timeout", str(math.ceil(config.shutdown_grace)), *args]
-    if "--ssl-protocol-min" not in args:  # granian's default, TLS 1.3, shuts out older phones
-        args = ["--ssl-protocol-min", "tls1.2", *args]
-    embedded = None
-    if config.database_url is None:
-        embedded, os.environ["DATABASE_URL"] = start_embedded_postgres(config.data_dir)
-    try:
-        granian.main(args=["--interface", "asgi", *args, "main:server"], prog_name="chatterd")
-    finally:
-        if embedded is not None:
-            embedded.cleanup()

@@ -1,5 +1,5 @@
-"""What wraps every request: the optional API-key check, the access log, and closing a
-connection whose request body was left unread.
+"""What wraps every request: who is asking (the client, the optional API-key check), the
+access log with the request metrics, and closing a connection whose body was left unread.
 
 Both are plain ASGI middleware, so streamed responses pass through untouched. They read
 their settings from the app's Config, which the lifespan puts on `app.state`.
@@ -12,44 +12,95 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import metrics
 
 access_log = logging.getLogger("chatterd.access")
 
 OPEN_PATHS = ("/health",)  # answered without an API key, for load balancers and monitors
+NEEDS_KEY = "an API key is required: send the header Authorization: Bearer <key>"
 
 
-class RequireAPIKey:
-    """With CHATTERD_API_KEYS set, every route but /health needs `Authorization: Bearer <key>`."""
+class Authenticate:
+    """Who is asking: every request gets its client's identity in `request.state.client`.
+
+    With CHATTERD_API_KEYS set, every route but /health needs `Authorization: Bearer <key>`,
+    and the client is that key (named by its place in the list, never by the key itself).
+    /metrics needs CHATTERD_METRICS_KEY instead when that is set, so that a Prometheus server
+    can scrape without holding a key the apps use.
+    Without keys, the client is its address: the peer's, or, when the peer is one of
+    CHATTERD_TRUSTED_PROXIES, the address that proxy reports in X-Forwarded-For.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys: tuple[str, ...] = (
-            scope["app"].state.config.api_keys if scope["type"] == "http" else ()
-        )
-        if keys and scope["path"] not in OPEN_PATHS and not _authorized(scope, keys):
-            response = JSONResponse(
-                {"error": "an API key is required: send the header Authorization: Bearer <key>"},
-                401,
-                headers={"WWW-Authenticate": 'Bearer realm="chatterd"'},
-            )
-            await response(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
+        config = scope["app"].state.config
+        state = scope.setdefault("state", {})
+        if scope["path"] == "/metrics" and config.metrics_key:
+            if _presented_key(scope, (config.metrics_key,)) is None:
+                await _refuse(scope, receive, send)
+                return
+            state["client"] = "metrics"
+        elif config.api_keys:
+            key = _presented_key(scope, config.api_keys)
+            if key is None and scope["path"] not in OPEN_PATHS:
+                await _refuse(scope, receive, send)
+                return
+            state["client"] = f"key #{key + 1}" if key is not None else "anonymous"
+        else:
+            state["client"] = client_address(scope, config.trusted_proxies)
         await self.app(scope, receive, send)
 
 
-def _authorized(scope: Scope, keys: tuple[str, ...]) -> bool:
+async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse(
+        {"error": NEEDS_KEY}, 401, headers={"WWW-Authenticate": 'Bearer realm="chatterd"'}
+    )
+    await response(scope, receive, send)
+
+
+def _presented_key(scope: Scope, keys: tuple[str, ...]) -> int | None:
+    """The index of the key the request presents, or None."""
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
-        return False
+        return None
     # Compare with every key, in constant time, so timing tells nothing about them.
     matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in keys]
-    return any(matches)
+    return matches.index(True) if any(matches) else None
+
+
+def client_address(scope: Scope, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
+    """The client's address; behind trusted proxies, the nearest one they did not add."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = b",".join(
+        value for name, value in scope["headers"] if name == b"x-forwarded-for"
+    ).decode("latin-1")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _within(address: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in networks)
 
 
 class CloseUnreadBody:
@@ -94,6 +145,7 @@ def _has_body(scope: Scope) -> bool:
 
 class AccessLog:
     """One line per request, once its response has ended: method, path, status, duration, appID.
+    It counts the request in chatterd_requests_total too.
 
     Handlers put the appID in `request.state.app_id`. Message contents are not logged
     unless CHATTERD_LOG_CONTENT is set, when handlers put them in `request.state.content`.
@@ -131,6 +183,15 @@ class AccessLog:
                 fields["content"] = state["content"]
             json_lines = scope["app"].state.config.log_format == "json"
             access_log.info(_as_json(fields) if json_lines else _as_text(fields))
+            metrics.request(route_template(scope), status)
+
+
+def route_template(scope: Scope) -> str:
+    """The route a request went to, as declared (`/conversations/{appID}`), for metrics."""
+    route = scope.get("route")
+    if route is None:  # refused before routing (401): find the route it was meant for
+        route = next((r for r in scope["app"].routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _as_json(fields: dict[str, object]) -> str:

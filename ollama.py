@@ -1,8 +1,9 @@
 """Ollama's wire format: the message types chatterd stores and sends, and the chat stream.
 
 Field names mirror Ollama's `/api/chat` protocol, so a `Message` is exactly what Ollama
-reads and writes. The stream hands back each NDJSON line as Ollama sent it: the caller
-relays it unchanged and parses it once.
+reads and writes. A stream hands back each NDJSON line as Ollama sent it: the caller
+relays it unchanged and parses it once. This is the only module that speaks HTTP to
+Ollama; which server a request goes to is servers.py's and admission.py's business.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -56,6 +58,7 @@ class Reply:
     content: str = ""
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    began: bool = False  # Ollama took the request (its first line came)
     done: bool = False
 
     def add(self, message: dict[str, Any]) -> None:
@@ -66,14 +69,27 @@ class Reply:
     def as_message(self) -> Message:
         return Message("assistant", self.content, tool_calls=self.tool_calls or None)
 
+    def spoken(self) -> Message:
+        """What was said, without the tool calls: a stopped round's calls are never run."""
+        return Message("assistant", self.content)
+
 
 class OllamaError(Exception):
-    """Ollama could not serve a request. `status` is the HTTP status to answer the client with."""
+    """Ollama could not serve a request. `status` is the HTTP status to answer the client with.
 
-    def __init__(self, status: int, error: str) -> None:
+    `retry_elsewhere`: the generation never began (the server is unreachable, answered 5xx,
+    or broke off before its first line), so another server may run it. `unreachable`: the
+    server itself is out of reach, not just this request.
+    """
+
+    def __init__(
+        self, status: int, error: str, *, retry_elsewhere: bool = False, unreachable: bool = False
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.retry_elsewhere = retry_elsewhere
+        self.unreachable = unreachable
 
 
 def error_text(body: bytes, status: int) -> str:
@@ -89,7 +105,12 @@ def error_text(body: bytes, status: int) -> str:
 
 def unreachable(base_url: str, exc: httpx.HTTPError) -> OllamaError:
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "is unreachable"
-    return OllamaError(502, f"Ollama at {base_url} {kind}: {type(exc).__name__}")
+    return OllamaError(
+        502,
+        f"Ollama at {base_url} {kind}: {type(exc).__name__}",
+        retry_elsewhere=True,
+        unreachable=True,
+    )
 
 
 async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Response:
@@ -113,42 +134,126 @@ async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Respo
         error_body = b""
     finally:
         await response.aclose()
-    raise OllamaError(response.status_code, error_text(error_body, response.status_code))
+    status = response.status_code
+    raise OllamaError(status, error_text(error_body, status), retry_elsewhere=status >= 500)
 
 
-async def version(client: httpx.AsyncClient) -> dict[str, Any]:
-    """Whether Ollama answers, and its version."""
-    try:
-        response = await client.get("/api/version", timeout=3)
-        response.raise_for_status()
-        return {"reachable": True, "version": response.json().get("version")}
-    except (httpx.HTTPError, ValueError, AttributeError) as exc:
-        return {"reachable": False, "error": type(exc).__name__}
+class Opened:
+    """A streamed answer of Ollama's whose first line has arrived: the generation has begun."""
 
+    def __init__(self, response: httpx.Response, raw: AsyncIterator[bytes], first: bytes) -> None:
+        self.response = response
+        self._raw = raw  # the rest of the body, as it comes
+        self._first = first  # what was read before: at least one whole line
 
-async def chat_lines(client: httpx.AsyncClient, request: dict[str, Any]) -> AsyncIterator[bytes]:
-    """Stream `/api/chat`, one NDJSON line at a time, exactly as Ollama wrote it (as bytes).
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The answer's bytes as they come, the first ones included."""
+        yield self._first
+        try:
+            async for chunk in self._raw:
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise OllamaError(
+                502, f"the connection to Ollama broke mid-stream: {type(exc).__name__}"
+            ) from exc
 
-    Lines are split from the raw bytes here rather than by httpx's text layers: this is
-    the hot path, run once per token of every reply.
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The answer's NDJSON lines, each exactly as Ollama wrote it (as bytes).
 
-    Raises OllamaError: before the first line when Ollama refuses or is unreachable, and
-    with status 502 when the connection breaks mid-stream.
-    """
-    body = json.dumps(request, ensure_ascii=False).encode()
-    response = await post(client, "/api/chat", body)
-    try:
+        Lines are split from the raw bytes here rather than by httpx's text layers: this is
+        the hot path, run once per token of every reply.
+        """
         rest = b""
-        async for chunk in response.aiter_bytes():
+        async for chunk in self.chunks():
             *lines, rest = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
             for line in lines:
                 if line.strip():
                     yield line
         if rest.strip():
             yield rest
+
+    async def aclose(self) -> None:
+        """Close the connection: Ollama stops generating when its client goes away."""
+        await self.response.aclose()
+
+
+async def open_stream(client: httpx.AsyncClient, path: str, body: bytes) -> Opened:
+    """POST a generation to one Ollama server and wait for its first line.
+
+    Raises OllamaError, with `retry_elsewhere` set when the generation did not begin.
+    """
+    response = await post(client, path, body)
+    raw = response.aiter_raw()
+    first = b""
+    try:
+        async for chunk in raw:
+            first += chunk
+            if b"\n" in chunk:
+                return Opened(response, raw, first)
     except httpx.HTTPError as exc:
-        raise OllamaError(
-            502, f"the connection to Ollama broke mid-stream: {type(exc).__name__}"
-        ) from exc
-    finally:
         await response.aclose()
+        raise OllamaError(
+            502,
+            f"the connection to Ollama broke before its first line: {type(exc).__name__}",
+            retry_elsewhere=True,
+        ) from exc
+    except BaseException:  # cancelled: a stop, or shutdown
+        await response.aclose()
+        raise
+    if first.strip():  # one line without its newline, and the end
+        return Opened(response, raw, first)
+    await response.aclose()
+    raise OllamaError(502, "Ollama's stream ended before its first line", retry_elsewhere=True)
+
+
+async def model_names(client: httpx.AsyncClient, path: str) -> frozenset[str]:
+    """The models `/api/tags` (installed) or `/api/ps` (loaded now) lists, tags included.
+
+    Raises httpx.HTTPError (or ValueError for a body that is not such a list).
+    """
+    response = await client.get(path)
+    response.raise_for_status()
+    body = response.json()
+    entries = body.get("models") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} has no list of models")
+    names = set()
+    for entry in entries:
+        if isinstance(entry, dict):
+            names.update(
+                full_model_name(entry[key])
+                for key in ("name", "model")
+                if isinstance(entry.get(key), str)
+            )
+    return frozenset(names)
+
+
+def full_model_name(name: str) -> str:
+    """A model's name with its tag: Ollama reads `llama3.2` as `llama3.2:latest`."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+async def version(client: httpx.AsyncClient) -> str | None:
+    """Ollama's version, from `/api/version`; None when it does not say."""
+    response = await client.get("/api/version")
+    response.raise_for_status()
+    body = response.json()
+    found = body.get("version") if isinstance(body, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def empty_line(model: str, *, done: bool = False, **fields: Any) -> bytes:
+    """A line shaped as Ollama's, with empty content, carrying chatterd's own `fields`.
+
+    The apps treat an event name they don't know as plain data and decode it as an Ollama
+    line, so a notice in this shape reads to them as an empty piece of the reply.
+    """
+    stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    line = {
+        "model": model,
+        "created_at": stamp,
+        "message": {"role": "assistant", "content": ""},
+        "done": done,
+        **fields,
+    }
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()

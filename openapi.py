@@ -78,8 +78,9 @@ CHAT_ERRORS = {
     "409": _error("Another request for this appID has been running for too long."),
     "413": _error("The body is larger than the limit."),
     "422": _error("A field is missing or wrong; the error names it."),
+    "429": _error("This client has too many requests waiting (CHATTERD_QUEUE_PER_CLIENT)."),
     "502": _error("Ollama can't be reached or timed out."),
-    "503": _error("The database is unavailable, or Ollama is busy."),
+    "503": _error("The database is unavailable, the queue is full, or Ollama is busy."),
 }
 
 MESSAGE = {
@@ -222,6 +223,41 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
+            "/conversations/{appID}/stop": {
+                "post": {
+                    "summary": "Stop the appID's running or waiting turn.",
+                    "description": (
+                        "A running turn's generation is closed at once and what was said so far"
+                        " is stored as the reply; a waiting turn leaves the queue and is not"
+                        " stored. The stream ends with an Ollama line whose done_reason is"
+                        " `stopped`. Answers once the turn has ended (up to 5 s)."
+                    ),
+                    "parameters": [_app_id("path")],
+                    "responses": {
+                        "200": {
+                            "description": "The turn was stopped.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Stopped"}
+                                }
+                            },
+                        },
+                        "404": _error("No turn of this appID is running or waiting."),
+                        "422": _error("appID is wrong."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics, summed over every worker.",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus' text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/weather": {
                 "get": {
                     "summary": "The temperature at a place (a JSON body, or query parameters).",
@@ -334,6 +370,11 @@ def document() -> dict[str, Any]:
                         "created_at": {"type": "string", "format": "date-time"},
                         "seq": {"type": "integer"},
                     },
+                },
+                "Stopped": {
+                    "type": "object",
+                    "required": ["appID", "stopped"],
+                    "properties": {"appID": {"type": "string"}, "stopped": {"const": True}},
                 },
                 "Error": {
                     "type": "object",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,3 +92,59 @@ def stored(db: psycopg.Connection, app_id: str) -> list[tuple[str, str]]:
     return db.execute(
         "SELECT username, message FROM chatts WHERE appid = %s ORDER BY seq", (app_id,)
     ).fetchall()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
+    """Wait for a condition to hold (a row, a request, an event), never for a set time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.005)
+
+
+class Streaming(threading.Thread):
+    """One streamed request read in a thread, event by event, so a test can act meanwhile."""
+
+    def __init__(
+        self, base_url: str, path: str, body: Any, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(daemon=True)
+        self.base_url, self.path, self.body = base_url, path, body
+        self.headers = headers or {}
+        self.status: int | None = None
+        self.response_headers: dict[str, str] = {}
+        self.events: list[Event] = []
+        self.body_text = ""  # the whole body, once ended
+        self.ended_at: float | None = None  # time.monotonic() at the end of the body
+        self.start()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+            with client.stream("POST", self.path, json=self.body, headers=self.headers) as answer:
+                self.response_headers = dict(answer.headers)
+                self.status = answer.status_code
+                text = ""
+                for piece in answer.iter_text():
+                    text += piece
+                    self.events = parse_events(text)
+                self.body_text = text
+        self.ended_at = time.monotonic()
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    def named(self, name: str) -> list[Event]:
+        return [event for event in self.events if event.event == name]
+
+    def positions(self) -> list[int]:
+        return [event.json()["queued"]["position"] for event in self.named("queued")]
+
+    def wait_for(self, condition: Callable[[Streaming], bool], what: str = "") -> None:
+        wait_until(lambda: condition(self), what=what or "a stream's event")
+
+    def finish(self, timeout: float = 30) -> Streaming:
+        self.join(timeout)
+        assert not self.is_alive(), "the stream did not end"
+        return self

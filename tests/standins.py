@@ -26,6 +26,8 @@ class Stream:
     gap: float = 0.0  # seconds between lines
     headers_delay: float = 0.0  # silence before the headers, as while Ollama loads a model
     cut_after: int | None = None  # abort the connection after this many lines
+    hold_after: int | None = None  # after this many lines, wait until `release` is set
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class HTTPStandIn:
         self.received: list[Received] = []
         self.in_flight = 0  # requests being answered now
         self.most_in_flight = 0  # the most ever answered at once
+        self.abandoned = 0  # streams whose client closed the connection before their end
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         started = threading.Event()
@@ -75,6 +78,10 @@ class HTTPStandIn:
 
     def answer(self, received: Received) -> Answer:
         raise NotImplementedError
+
+    def counts(self, received: Received) -> bool:
+        """Whether a request counts in `in_flight` (Ollama's: only generations)."""
+        return True
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
@@ -100,13 +107,14 @@ class HTTPStandIn:
         try:
             while received := await self._read_request(reader):
                 self.received.append(received)
-                self.in_flight += 1
+                counted = self.counts(received)
+                self.in_flight += counted
                 self.most_in_flight = max(self.most_in_flight, self.in_flight)
                 try:
-                    if not await self._write(writer, self.answer(received)):
+                    if not await self._write(reader, writer, self.answer(received)):
                         return
                 finally:
-                    self.in_flight -= 1
+                    self.in_flight -= counted
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -129,7 +137,9 @@ class HTTPStandIn:
         url = urlsplit(target)
         return Received(method, url.path, parse_qs(url.query), body)
 
-    async def _write(self, writer: asyncio.StreamWriter, answer: Answer) -> bool:
+    async def _write(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer
+    ) -> bool:
         """Write one answer; False when the connection was cut on purpose."""
         await asyncio.sleep(answer.headers_delay)
         if isinstance(answer, Reply):
@@ -157,6 +167,12 @@ class HTTPStandIn:
             await writer.drain()
             if answer.gap:
                 await asyncio.sleep(answer.gap)
+            if count + 1 == answer.hold_after:
+                while not answer.release.is_set():  # as a model that takes its time
+                    if reader.at_eof():  # the client went away: Ollama stops generating
+                        self.abandoned += 1
+                        return False
+                    await asyncio.sleep(0.005)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
@@ -226,17 +242,44 @@ def remembering_brain(messages: list[dict[str, Any]]) -> str:
     return f"You said: {question}"
 
 
+MODELS = ("gemma3:270m", "gemma3:12b", "qwen3:0.6b", "tinyllama:latest")
+
+
+def model_entry(name: str, **extra: Any) -> dict[str, Any]:
+    """A model as /api/tags and /api/ps list it."""
+    return {
+        "name": name,
+        "model": name,
+        "size": 291554930,
+        "digest": "e4a6a0ef64ba6f0e3e9a8f8d1fbd8b1e3e6fd29e0f7f1a1b3c0b2f1c6c1f7d4a",
+        "details": {"format": "gguf", "family": name.split(":")[0], "parameter_size": "268M"},
+        **extra,
+    }
+
+
 class OllamaStandIn(HTTPStandIn):
-    """Ollama's /api/chat and /api/generate. By default it answers with `remembering_brain`;
-    a test sets `script` to answer otherwise, one call per request."""
+    """Ollama's /api/chat, /api/generate, /api/tags and /api/ps. By default it answers with
+    `remembering_brain`; a test sets `script` to answer otherwise, one call per request.
+    It has the `models` installed (others are 404, as Ollama says) and `loaded` in memory."""
 
     def __init__(self) -> None:
         self.script: Callable[[Received], Answer] | None = None
+        self.models: set[str] = set(MODELS)
+        self.loaded: set[str] = set()
         super().__init__()
 
     def reset(self) -> None:
         self.script = None
+        self.models, self.loaded = set(MODELS), set()
         self.received.clear()
+        self.most_in_flight = self.abandoned = 0
+
+    def generations(self) -> list[Received]:
+        """The /api/chat and /api/generate requests received so far."""
+        return [r for r in self.received if self.counts(r)]
+
+    def counts(self, received: Received) -> bool:
+        return received.path in ("/api/chat", "/api/generate")
 
     def chats(self) -> list[dict[str, Any]]:
         """The bodies of the /api/chat requests received so far."""
@@ -245,6 +288,12 @@ class OllamaStandIn(HTTPStandIn):
     def answer(self, received: Received) -> Answer:
         if received.path == "/api/version":
             return Reply(200, {"version": "0.33.0"})
+        if received.path == "/api/tags":
+            stamp = "2026-11-01T10:00:00.000000000Z"
+            return Reply(200, {"models": [model_entry(m, modified_at=stamp) for m in self.models]})
+        if received.path == "/api/ps":
+            stamp = "2026-12-01T10:05:00.000000000Z"
+            return Reply(200, {"models": [model_entry(m, expires_at=stamp) for m in self.loaded]})
         if received.path not in ("/api/chat", "/api/generate"):
             return Reply(404, "404 page not found")
         body = received.body
@@ -257,7 +306,7 @@ class OllamaStandIn(HTTPStandIn):
             return Reply(
                 400, {"error": "json: cannot unmarshal value into field model of type string"}
             )
-        if model.startswith("missing"):
+        if (model if ":" in model else f"{model}:latest") not in self.models:
             return Reply(404, {"error": f"model '{model}' not found"})
         if self.script is not None:
             return self.script(received)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 from standins import Reply, Stream
 
@@ -25,19 +25,20 @@ def test_the_ndjson_is_passed_through_unchanged(client, ollama):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/x-ndjson"
     assert response.content == "".join(line + "\n" for line in LINES).encode()
-    assert ollama.received[-1].path == "/api/generate"
-    assert ollama.received[-1].body == body
+    assert ollama.generations()[-1].path == "/api/generate"
+    assert ollama.generations()[-1].body == body
 
 
 def test_lines_arrive_as_ollama_sends_them(client, ollama):
-    ollama.script = lambda received: Stream(list(LINES), gap=0.5)
-    arrivals = []
-    with client.stream("POST", "/llmprompt", json={"model": "m", "prompt": "p"}) as response:
-        for line in response.iter_lines():
-            arrivals.append((time.monotonic(), line))
-    assert [line for _, line in arrivals] == LINES
-    # Not buffered: the first line came a whole gap before the last.
-    assert arrivals[-1][0] - arrivals[0][0] > 0.8
+    more = threading.Event()  # Ollama sends the rest only once the first line has arrived
+    ollama.script = lambda received: Stream(list(LINES), hold_after=1, release=more)
+    body = {"model": "gemma3:270m", "prompt": "p"}
+    with client.stream("POST", "/llmprompt", json=body) as response:
+        lines = response.iter_lines()
+        first = next(lines)  # not buffered: it comes while Ollama holds back the rest
+        more.set()
+        arrivals = [first, *lines]
+    assert arrivals == LINES
 
 
 def test_ollama_refusal_keeps_its_status_and_body(client, ollama):
@@ -57,4 +58,4 @@ def test_malformed_json_is_refused_before_ollama(client, ollama):
     assert "not valid JSON" in response.json()["error"]
     response = client.post("/llmprompt", content=json.dumps(["model"]).encode())
     assert response.status_code == 422
-    assert ollama.received == []
+    assert ollama.generations() == []

@@ -146,7 +146,10 @@ def test_health_reports_database_and_ollama(client):
     body = response.json()
     assert body["status"] == "ok"
     assert body["database"]["reachable"] is True
-    assert body["ollama"] == {"reachable": True, "version": "0.33.0"}
+    assert body["ollama"]["reachable"] is True and body["ollama"]["version"] == "0.33.0"
+    [server] = body["ollama"]["servers"]
+    assert server["up"] is True and server["in_flight"] == 0
+    assert "gemma3:270m" in server["models"]
 
 
 def test_health_is_degraded_without_ollama(start_chatterd, database_url, meteo_standin):
