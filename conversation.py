@@ -23,6 +23,7 @@ appID run one at a time, across all workers, under a lease kept in the database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import uuid
@@ -40,6 +41,7 @@ from events import END, EventLog, first_id
 from history import History, StoreError, Turn
 from ollama import Message, OllamaError, Reply, empty_line, function_name
 from servers import NoServer
+from tooluse import ToolUse
 
 log = logging.getLogger("chatterd")
 T = TypeVar("T")
@@ -208,7 +210,8 @@ class Outbox:
 
 @dataclass(frozen=True)
 class Limits:
-    max_rounds: int  # model rounds per request
+    max_rounds: int  # model rounds that may call tools, per request; one more answers
+    tool_repeats: int  # identical calls in a turn before tools are withdrawn
     lease_wait: float  # seconds to wait for another request of the same appID
     history_messages: int  # the context budget: messages sent to the model,
     history_tokens: int | None  # and tokens (None: three quarters of the context window)
@@ -360,13 +363,25 @@ class Chat:
     async def _converse(
         self, request: ChatRequest, turn: Turn, outbox: Outbox, control: TurnControl
     ) -> None:
-        offered = self._offered_tools(request, turn.device_tools)
-        device_names = {function_name(tool) for tool in turn.device_tools} - toolbox.TOOLBOX.keys()
+        tools = ToolUse(
+            self.tool_env,
+            turn.device_tools if request.with_tools else [],
+            model=request.model,
+            repeats=self.limits.tool_repeats,
+            send=outbox.send,
+        )
         window = budget.context_window(request.ollama_fields, self.limits.context_window)
         limit = Budget(self.limits.history_messages, self.limits.history_tokens or window * 3 // 4)
         messages, new, stored = turn.history, turn.new, turn.stored
         told = 0  # how many left-out messages the client has been told of
-        for round_number in range(self.limits.max_rounds):
+        for round_number in itertools.count():
+            if round_number == self.limits.max_rounds and not tools.withdrawn:
+                tools.withdraw(
+                    "round_limit",
+                    f"the model called tools in {round_number} rounds"
+                    " (CHATTERD_MAX_TOOL_ROUNDS); tools are no longer offered, so that it answers",
+                )
+            offered = tools.offered if request.with_tools else []
             fitted = budget.fit(messages, new, limit, turn.unread)
             notices: list[Event] = []
             if fitted.omitted != told:
@@ -381,7 +396,7 @@ class Chat:
                         fitted,
                         window,
                         offered,
-                        device_names,
+                        tools,
                         notices,
                         outbox,
                         reply,
@@ -397,18 +412,24 @@ class Chat:
                 await self.history.complete(request.app_id, rows, stored)
                 self._end_stopped(request, outbox, "running")
                 return
+            if reply.tool_calls and not offered:  # called anyway: nothing is run
+                tools.tell_ignored_calls(reply.tool_calls)
+                await self.history.complete(
+                    request.app_id, [(reply.spoken(), reply.thinking)], stored
+                )
+                return
             if not reply.tool_calls:
+                if round_number and not reply.content.strip():
+                    tools.tell_empty_reply(round_number)
                 await self.history.complete(
                     request.app_id, [(reply.as_message(), reply.thinking)], stored
                 )
                 return
             call = reply.as_message()
             try:
-                results = await control.interruptible(
-                    self._run_tools(reply.tool_calls, device_names)
-                )
+                results = await control.interruptible(tools.answer(reply.tool_calls))
             except Stopped:
-                answered = [c for c in reply.tool_calls if function_name(c) not in device_names]
+                answered = [c for c in reply.tool_calls if not tools.is_device_call(c)]
                 results = [
                     Message("tool", STOPPED_TOOL, tool_name=function_name(c)) for c in answered
                 ]
@@ -428,10 +449,6 @@ class Chat:
             stored += await self.history.append(request.app_id, rows)
             messages = [*messages, call, *results]
             new += 1 + len(results)
-        raise StreamError(
-            f"the model was still calling tools after {self.limits.max_rounds} rounds;"
-            " the turn was stopped and not stored"
-        )
 
     def _end_stopped(self, request: ChatRequest, outbox: Outbox, state: str) -> None:
         metrics.stopped(state)
@@ -443,7 +460,7 @@ class Chat:
         fitted: budget.Fitted,
         window: int,
         offered: list[dict[str, Any]],
-        device_names: set[str],
+        tools: ToolUse,
         notices: list[Event],
         outbox: Outbox,
         reply: Reply,
@@ -498,8 +515,8 @@ class Chat:
                 if isinstance(message, dict):
                     reply.add(message)
                     calls = message.get("tool_calls")
-                    if calls and any(function_name(call) in device_names for call in calls):
-                        event, line = "tool_calls", _only_device_calls(chunk, line, device_names)
+                    if offered and calls and any(tools.is_device_call(call) for call in calls):
+                        event, line = "tool_calls", _only_device_calls(chunk, line, tools)
                 if chunk.get("done") is True:
                     reply.done = True
                     metrics.model_speed(
@@ -531,42 +548,6 @@ class Chat:
         if not reply.done:
             raise StreamError("Ollama's stream ended before its last (done) line")
         return held
-
-    def _offered_tools(
-        self, request: ChatRequest, device_tools: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
-        if not request.with_tools:
-            return []
-        resident = [tool.schema for tool in toolbox.TOOLBOX.values()]
-        return resident + [t for t in device_tools if function_name(t) not in toolbox.TOOLBOX]
-
-    async def _run_tools(
-        self, calls: list[dict[str, Any]], device_names: set[str]
-    ) -> list[Message]:
-        """Results of the resident and unknown calls, in call order; device calls are the app's."""
-        answered = [call for call in calls if function_name(call) not in device_names]
-        results = await asyncio.gather(*(self._run_tool(call) for call in answered))
-        return [
-            Message("tool", result, tool_name=function_name(call))
-            for call, result in zip(answered, results, strict=True)
-        ]
-
-    async def _run_tool(self, call: dict[str, Any]) -> str:
-        name = function_name(call)
-        if name not in toolbox.TOOLBOX:
-            metrics.tool_call("unknown", "error")
-            return f"Error: there is no tool named {name!r}."
-        try:
-            result = await toolbox.run(self.tool_env, name, call["function"].get("arguments"))
-        except toolbox.ToolError as exc:
-            metrics.tool_call(name, "error")
-            return f"Error: {exc}"
-        except Exception:
-            log.exception("resident tool %s failed", name)
-            metrics.tool_call(name, "error")
-            return f"Error: the tool {name} failed unexpectedly."
-        metrics.tool_call(name, "ok")
-        return result
 
     async def _undo(self, app_id: str, stored: list[int]) -> None:
         try:
@@ -619,10 +600,10 @@ def _truncated_by_ollama(
     }
 
 
-def _only_device_calls(chunk: dict[str, Any], line: bytes, device_names: set[str]) -> bytes:
+def _only_device_calls(chunk: dict[str, Any], line: bytes, tools: ToolUse) -> bytes:
     """The line as Ollama sent it, or, when it also calls resident tools, without those calls."""
     calls = chunk["message"]["tool_calls"]
-    device_calls = [call for call in calls if function_name(call) in device_names]
+    device_calls = [call for call in calls if tools.is_device_call(call)]
     if len(device_calls) == len(calls):
         return line
     message = {**chunk["message"], "tool_calls": device_calls}

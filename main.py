@@ -65,6 +65,7 @@ class Config:
     queue_per_client: int
     weather_timeout: float
     max_tool_rounds: int
+    tool_repeats: int
     conversation_wait: float
     max_body_bytes: int
     max_messages: int
@@ -136,6 +137,7 @@ class Config:
             queue_per_client=number("CHATTERD_QUEUE_PER_CLIENT", 32, int),
             weather_timeout=number("CHATTERD_WEATHER_TIMEOUT", 10.0),
             max_tool_rounds=number("CHATTERD_MAX_TOOL_ROUNDS", 8, int),
+            tool_repeats=number("CHATTERD_TOOL_REPEATS", 2, int),
             conversation_wait=number("CHATTERD_CONVERSATION_WAIT", 120.0),
             max_body_bytes=number("CHATTERD_MAX_BODY_BYTES", 1024 * 1024, int),
             max_messages=number("CHATTERD_MAX_MESSAGES", 500, int),
@@ -213,6 +215,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             tool_env,
             Limits(
                 max_rounds=config.max_tool_rounds,
+                tool_repeats=config.tool_repeats,
                 lease_wait=config.conversation_wait,
                 history_messages=config.history_max_messages,
                 history_tokens=config.history_max_tokens,

@@ -62,7 +62,7 @@ REASONS = {
 class HTTPStandIn:
     """A tiny HTTP/1.1 server whose answers come from `self.answer(received)`."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[Received] = []
         self.in_flight = 0  # requests being answered now
         self.most_in_flight = 0  # the most ever answered at once
@@ -70,7 +70,7 @@ class HTTPStandIn:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(started, port), daemon=True)
         self._thread.start()
         started.wait()
         self.port: int = self._server.sockets[0].getsockname()[1]
@@ -84,6 +84,9 @@ class HTTPStandIn:
         return True
 
     def close(self) -> None:
+        """Stop serving and cut every connection, as a server that is killed. Idempotent."""
+        if self._loop.is_closed() or not self._thread.is_alive():
+            return
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
@@ -95,10 +98,10 @@ class HTTPStandIn:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _serve(self, started: threading.Event) -> None:
+    def _serve(self, started: threading.Event, port: int) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", 0)
+            asyncio.start_server(self._connection, "127.0.0.1", port)
         )
         started.set()
         self._loop.run_forever()
@@ -115,8 +118,8 @@ class HTTPStandIn:
                         return
                 finally:
                     self.in_flight -= counted
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or the stand-in is closing
         finally:
             writer.close()
 
@@ -262,11 +265,11 @@ class OllamaStandIn(HTTPStandIn):
     `remembering_brain`; a test sets `script` to answer otherwise, one call per request.
     It has the `models` installed (others are 404, as Ollama says) and `loaded` in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: Callable[[Received], Answer] | None = None
         self.models: set[str] = set(MODELS)
         self.loaded: set[str] = set()
-        super().__init__()
+        super().__init__(port)
 
     def reset(self) -> None:
         self.script = None

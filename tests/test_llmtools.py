@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -250,8 +251,13 @@ def test_resident_and_device_calls_in_one_turn(client, ollama, meteo, db, app_id
         chat_body(app_id, "Weather here and there?", model=MODEL, tools=[GET_LOCATION]),
     )
 
-    assert [event.event for event in asked.events] == ["tool_calls", "message"]
-    assert asked.events[0].json()["message"]["tool_calls"] == [location]  # only the app's call
+    assert [event.event for event in asked.events] == [
+        "tool_call",  # the server's call, shown as it runs
+        "tool_result",
+        "tool_calls",  # the app's call, for the app to run
+        "message",
+    ]
+    assert asked.named("tool_calls")[0].json()["message"]["tool_calls"] == [location]
     assert len(meteo.received) == 1
     assert stored(db, app_id)[-1] == ("tool", weather(42.28, -83.74))
 
@@ -261,20 +267,29 @@ def test_resident_and_device_calls_in_one_turn(client, ollama, meteo, db, app_id
     assert names == ["get_weather", "get_location"]
 
 
-def test_the_tool_loop_is_bounded(client, ollama, meteo, db, app_id):
+def test_the_tool_loop_is_bounded_and_ends_with_an_answer(client, ollama, meteo, db, app_id):
     post(client, "/llmtools", chat_body(app_id, "hello", model=MODEL))
-    before = stored(db, app_id)
-    call = tool_call("get_weather", {"latitude": 1, "longitude": 2})
-    ollama.script = lambda received: Stream(
-        [chat_line(MODEL, "", tool_calls=[call]), done_line(MODEL)]
-    )
+    rounds = itertools.count()
 
+    def always_a_new_call(received: Received) -> Stream:
+        if "tools" not in received.body:  # asked without tools: it has to answer
+            return text_stream(MODEL, "I give up looking.")
+        call = tool_call("get_weather", {"latitude": next(rounds), "longitude": 2})
+        return Stream([chat_line(MODEL, "", tool_calls=[call]), done_line(MODEL)])
+
+    ollama.script = always_a_new_call
     answer = post(client, "/llmtools", chat_body(app_id, "loop forever", model=MODEL))
 
-    assert len(ollama.chats()) == 1 + 8
-    assert answer.events[-1].event == "error"
-    assert "after 8 rounds" in answer.events[-1].json()["error"]
-    assert stored(db, app_id) == before
+    assert len(ollama.chats()) == 1 + 8 + 1  # eight tool rounds, then one without tools
+    assert "tools" not in ollama.chats()[-1]
+    [notice] = answer.named("notice")
+    assert notice.json()["notice"]["kind"] == "tools_withdrawn"
+    assert notice.json()["notice"]["reason"] == "round_limit"
+    assert answer.text() == "I give up looking."
+    assert answer.named("error") == []
+    rows = stored(db, app_id)
+    assert rows[-1] == ("assistant", "I give up looking.")
+    assert [role for role, _ in rows].count("tool") == 8
 
 
 def test_llmchat_offers_no_tools(client, ollama, app_id):
