@@ -23,12 +23,11 @@ appID run one at a time, across all workers, under a lease kept in the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,8 +36,10 @@ import metrics
 import toolbox
 from admission import Admission, Shed
 from budget import Budget
+from bus import Bus
 from events import END, EventLog, first_id
 from history import History, StoreError, Turn
+from leases import ConversationBusy, Leases
 from ollama import Message, OllamaError, Reply, empty_line, function_name
 from servers import NoServer
 from tooluse import ToolUse
@@ -46,8 +47,9 @@ from tooluse import ToolUse
 log = logging.getLogger("chatterd")
 T = TypeVar("T")
 
-LEASE_SECONDS = 30.0  # how long a conversation lease outlives a holder that died
 SHUTTING_DOWN = "chatterd is shutting down; the reply was not stored"
+LEASE_LOST = "the connection to the database was lost; the reply was not stored"
+STOP_CHECK_SECONDS = 0.5  # how often a stop of another worker's turn looks whether it ended
 
 
 @dataclass
@@ -88,12 +90,6 @@ class StreamError(Exception):
     status = 502
 
 
-class ConversationBusy(Exception):
-    """Another request for the same appID held the conversation for too long."""
-
-    status = 409
-
-
 class Stopped(Exception):
     """The turn's stop button was pressed (POST /conversations/{appID}/stop)."""
 
@@ -111,6 +107,7 @@ class TurnControl:
 
     def __init__(self) -> None:
         self.pressed = False
+        self.failure: Exception | None = None  # why the turn can't go on (its lease is lost)
         self.ended = asyncio.Event()
         self._current: asyncio.Task[Any] | None = None
 
@@ -119,10 +116,23 @@ class TurnControl:
         if self._current is not None:
             self._current.cancel()
 
+    def abort(self, failure: Exception) -> None:
+        """End the turn with `failure` as soon as it can: nothing more may be stored."""
+        self.failure = failure
+        if self._current is not None:
+            self._current.cancel()
+
+    def check(self) -> None:
+        """Before the turn stores anything: raise the failure that aborted it, if any."""
+        if self.failure is not None:
+            raise self.failure
+
     async def interruptible(self, work: Coroutine[Any, Any, T]) -> T:
-        """Await `work`; raise Stopped if the button is (or gets) pressed meanwhile."""
-        if self.pressed:
+        """Await `work`; raise Stopped if the button is (or gets) pressed meanwhile, or the
+        failure that aborts the turn."""
+        if self.pressed or self.failure is not None:
             work.close()
+            self.check()
             raise Stopped
         task = asyncio.ensure_future(work)
         self._current = task
@@ -135,6 +145,7 @@ class TurnControl:
         finally:
             self._current = None
         if task.cancelled():
+            self.check()
             raise Stopped
         return task.result()
 
@@ -212,7 +223,6 @@ class Outbox:
 class Limits:
     max_rounds: int  # model rounds that may call tools, per request; one more answers
     tool_repeats: int  # identical calls in a turn before tools are withdrawn
-    lease_wait: float  # seconds to wait for another request of the same appID
     history_messages: int  # the context budget: messages sent to the model,
     history_tokens: int | None  # and tokens (None: three quarters of the context window)
     context_window: int  # Ollama's num_ctx when the request does not set one
@@ -225,17 +235,22 @@ class Chat:
         self,
         history: History,
         event_log: EventLog,
+        leases: Leases,
         admission: Admission,
+        messages: Bus,
         tool_env: toolbox.ToolEnv,
         limits: Limits,
     ) -> None:
         self.history = history
         self.event_log = event_log
+        self.leases = leases
         self.admission = admission
         self.tool_env = tool_env
         self.limits = limits
+        self._bus = messages
         self._running: set[asyncio.Task[None]] = set()
         self._turns: dict[str, TurnControl] = {}  # this worker's turns that hold their lease
+        messages.handle("stop", self._press)
 
     @property
     def running(self) -> int:
@@ -250,18 +265,34 @@ class Chat:
         return outbox
 
     async def stop(self, app_id: str, wait: float) -> bool:
-        """Press the stop button of the appID's turn, if this worker runs it, and wait
-        up to `wait` seconds for the turn to end. False when it runs no turn of the appID."""
-        control = self._turns.get(app_id)
-        if control is None:
+        """Stop the appID's turn, on whichever worker or host runs it, and wait up to `wait`
+        seconds for it to end (its reply stored). False when no turn of the appID runs."""
+        if control := self._turns.get(app_id):
+            control.press()
+            try:
+                async with asyncio.timeout(wait):
+                    await control.ended.wait()
+            except TimeoutError:
+                log.warning("a stopped turn did not end within %g s", wait)
+            return True
+        if not await self.leases.held_anywhere(app_id):
             return False
-        control.press()
-        try:
-            async with asyncio.timeout(wait):
-                await control.ended.wait()
-        except TimeoutError:
-            log.warning("a stopped turn did not end within %g s", wait)
+        with self._bus.watch("free", app_id) as freed:
+            await self._bus.send(f"stop {app_id}")
+            try:
+                async with asyncio.timeout(wait):
+                    while not freed.is_set() and await self.leases.held_anywhere(app_id):
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(STOP_CHECK_SECONDS):
+                                await freed.wait()
+            except TimeoutError:
+                log.warning("a stopped turn on another worker did not end within %g s", wait)
         return True
+
+    def _press(self, app_id: str) -> None:
+        """Another worker asks for a stop: press the button if the turn runs here."""
+        if control := self._turns.get(app_id):
+            control.press()
 
     async def finish(self, grace: float) -> None:
         """Let running pipelines finish for up to `grace` seconds, then cancel the rest."""
@@ -274,10 +305,13 @@ class Chat:
             await asyncio.wait(unfinished)
 
     async def _run(self, request: ChatRequest, outbox: Outbox) -> None:
+        control = TurnControl()
         try:
-            async with self.lease(request.app_id) as reply:
+            async with self.leases.hold(
+                request.app_id, lambda: control.abort(StoreError(LEASE_LOST))
+            ) as reply:
                 outbox.begin(reply)
-                control = self._turns[request.app_id] = TurnControl()
+                self._turns[request.app_id] = control
                 try:
                     await self._turn(request, outbox, control)
                 except asyncio.CancelledError:
@@ -321,44 +355,6 @@ class Chat:
         except BaseException:
             await asyncio.shield(self._undo(request.app_id, stored))
             raise
-
-    @asynccontextmanager
-    async def lease(self, app_id: str) -> AsyncIterator[int]:
-        """Hold the conversation's lease: one turn at a time per appID, across all workers.
-
-        Waits up to `lease_wait` seconds for a turn in progress to finish. The lease lives
-        in the database, not in a held connection, and is renewed while the turn runs.
-        Yields the turn's reply number, which counts the appID's leases.
-        """
-        holder = uuid.uuid4()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.lease_wait
-        pause = 0.02
-        while (reply := await self.history.take_lease(app_id, holder, LEASE_SECONDS)) is None:
-            if loop.time() >= deadline:
-                raise ConversationBusy(
-                    f"another request for this appID has been running for over"
-                    f" {self.limits.lease_wait:g} s; try again when it has finished"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
-        renewal = asyncio.create_task(self._renew(app_id, holder))
-        try:
-            yield reply
-        finally:
-            renewal.cancel()
-            try:
-                await asyncio.shield(self.history.drop_lease(app_id, holder))
-            except StoreError as exc:  # it expires by itself
-                log.warning("could not release a conversation lease: %s", exc)
-
-    async def _renew(self, app_id: str, holder: uuid.UUID) -> None:
-        while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
-            try:
-                await self.history.take_lease(app_id, holder, LEASE_SECONDS)
-            except StoreError as exc:
-                log.warning("could not renew a conversation lease: %s", exc)
 
     async def _converse(
         self, request: ChatRequest, turn: Turn, outbox: Outbox, control: TurnControl
@@ -409,20 +405,18 @@ class Chat:
                     self._end_stopped(request, outbox, "waiting")
                     return
                 rows = [(reply.spoken(), reply.thinking)] if reply.began else []
-                await self.history.complete(request.app_id, rows, stored)
+                await self._complete(request, control, rows, stored)
                 self._end_stopped(request, outbox, "running")
                 return
             if reply.tool_calls and not offered:  # called anyway: nothing is run
                 tools.tell_ignored_calls(reply.tool_calls)
-                await self.history.complete(
-                    request.app_id, [(reply.spoken(), reply.thinking)], stored
-                )
+                await self._complete(request, control, [(reply.spoken(), reply.thinking)], stored)
                 return
             if not reply.tool_calls:
                 if round_number and not reply.content.strip():
                     tools.tell_empty_reply(round_number)
-                await self.history.complete(
-                    request.app_id, [(reply.as_message(), reply.thinking)], stored
+                await self._complete(
+                    request, control, [(reply.as_message(), reply.thinking)], stored
                 )
                 return
             call = reply.as_message()
@@ -434,21 +428,33 @@ class Chat:
                     Message("tool", STOPPED_TOOL, tool_name=function_name(c)) for c in answered
                 ]
                 rows = [(call, reply.thinking), *((result, None) for result in results)]
-                await self.history.complete(request.app_id, rows, stored)
+                await self._complete(request, control, rows, stored)
                 self._end_stopped(request, outbox, "running")
                 return
             rows = [(call, reply.thinking), *((result, None) for result in results)]
             if held:
                 # Device calls: the app runs them and posts the results as a new request,
                 # which must find the call stored; so the events go out only now.
-                await self.history.complete(request.app_id, rows, stored)
+                await self._complete(request, control, rows, stored)
                 for _, event, data in held:
                     outbox.send(event, data)
                 return
             metrics.tool_round()
+            control.check()
             stored += await self.history.append(request.app_id, rows)
             messages = [*messages, call, *results]
             new += 1 + len(results)
+
+    async def _complete(
+        self,
+        request: ChatRequest,
+        control: TurnControl,
+        rows: list[tuple[Message, str | None]],
+        stored: list[int],
+    ) -> None:
+        """Store the turn's last rows and make the whole turn part of the conversation."""
+        control.check()  # a turn that lost its lease must not store
+        await self.history.complete(request.app_id, rows, stored)
 
     def _end_stopped(self, request: ChatRequest, outbox: Outbox, state: str) -> None:
         metrics.stopped(state)

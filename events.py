@@ -3,32 +3,39 @@
 Each event of a reply gets an id, increasing within an appID: the reply's number (counted
 by the conversation's lease, one per turn) times IDS_PER_REPLY, plus the event's place in
 the reply. A worker appends the events it sends to a buffer that it writes to the
-`stream_events` table every FLUSH_SECONDS, in one statement for all its streams, so the
-relay never waits on the database. A reply's last row is an END marker, written before
-its turn lets go of the lease: a reply with no END whose lease is gone was cut off.
+`stream_events` table FLUSH_SECONDS after the first is buffered, in one statement for all
+its streams, so the relay never waits on the database. The same statement tells every
+worker which appIDs have new events (bus.py). A reply's last row is an END marker, written
+before its turn lets go of the lease: a reply with no END whose lease is gone was cut off.
 
-A client that lost its stream follows the log (`follow`), from any worker.
+A client that lost its stream follows the log (`follow`), from any worker: it reads when it
+is told of new events, never by polling, and each worker checks once a second, in one
+query for all its followers, whether the replies they follow still run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+import bus
+from bus import Bus
 from history import StoreError, reason
 
 log = logging.getLogger("chatterd")
 
 IDS_PER_REPLY = 1_000_000
 END = "end"  # the event name of a reply's END marker: never sent to a client
-FLUSH_SECONDS = 0.1  # how far the log may lag behind the live stream
-POLL_SECONDS = 0.2  # how often a resumed stream looks for new events
+FLUSH_SECONDS = 0.01  # how far the log may lag behind the live stream
+LIVENESS_SECONDS = 1.0  # how often a worker checks that the replies its followers follow run
 MAX_BUFFERED = 100_000  # events kept for a later write while the database is away
 CUT_OFF = b'{"error":"the reply was cut off before it ended (chatterd stopped); it was not stored"}'
 
@@ -49,22 +56,30 @@ def reply_of(event_id: int) -> int:
 
 
 class EventLog:
-    def __init__(self, pool: AsyncConnectionPool, keep_seconds: float) -> None:
+    def __init__(self, pool: AsyncConnectionPool, keep_seconds: float, messages: Bus) -> None:
         self.pool = pool
         self.keep_seconds = keep_seconds
+        self._bus = messages
         self._buffer: list[tuple[str, int, str | None, bytes]] = []
+        self._buffered = asyncio.Event()
         self._writing = asyncio.Lock()
+        self._followed: dict[tuple[str, int], set[asyncio.Event]] = {}
 
     def append(self, app_id: str, event_id: int, event: str | None, data: bytes) -> None:
         self._buffer.append((app_id, event_id, event, data))
+        self._buffered.set()
 
     async def run(self) -> None:
-        """Write the buffer every FLUSH_SECONDS, and drop events past their keeping time."""
+        """Write the buffer soon after events come, and drop events past their keeping time."""
         loop = asyncio.get_running_loop()
         next_expiry = loop.time()
         while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            await self.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_expiry - loop.time())):
+                    await self._buffered.wait()
+            if self._buffered.is_set():
+                await asyncio.sleep(FLUSH_SECONDS)  # what comes meanwhile goes in this write
+                await self.flush()
             if loop.time() >= next_expiry:
                 await self._expire()
                 next_expiry = loop.time() + min(60.0, self.keep_seconds / 2)
@@ -73,20 +88,25 @@ class EventLog:
         """Write what is buffered; on failure keep it for the next try (up to a bound)."""
         async with self._writing:
             batch, self._buffer = self._buffer, []
+            self._buffered.clear()
             if not batch:
                 return
             app_ids, ids, names, datas = (list(column) for column in zip(*batch, strict=True))
+            told = bus.messages("events", list(dict.fromkeys(app_ids)))
             try:
                 async with self.pool.connection() as conn:
                     await conn.execute(
-                        "INSERT INTO stream_events (appid, id, event, data)"
+                        "WITH written AS ("
+                        " INSERT INTO stream_events (appid, id, event, data)"
                         " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bytea[])"
-                        " ON CONFLICT DO NOTHING",
-                        (app_ids, ids, names, datas),
+                        " ON CONFLICT DO NOTHING)"
+                        " SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message",
+                        (app_ids, ids, names, datas, self._bus.channel, told),
                     )
             except psycopg.Error as exc:
                 log.warning("could not write %d stream events: %s", len(batch), reason(exc))
                 self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
+                self._buffered.set()
 
     async def _expire(self) -> None:
         try:
@@ -120,7 +140,8 @@ class EventLog:
         rows = await self._query(
             "SELECT greatest("
             " (SELECT max(id) / %s FROM stream_events WHERE appid = %s),"
-            " (SELECT replies FROM conversation_leases WHERE appid = %s AND expires > now()))",
+            " (SELECT replies FROM conversation_leases"
+            "  WHERE appid = %s AND chatterd_lease_held(appid)))",
             (IDS_PER_REPLY, app_id, app_id),
         )
         return rows[0][0]
@@ -129,7 +150,7 @@ class EventLog:
         """Whether the reply's turn still runs: its lease is held."""
         rows = await self._query(
             "SELECT 1 FROM conversation_leases"
-            " WHERE appid = %s AND replies = %s AND expires > now()",
+            " WHERE appid = %s AND replies = %s AND chatterd_lease_held(appid)",
             (app_id, reply),
         )
         return bool(rows)
@@ -151,22 +172,58 @@ class EventLog:
         event, whose id is one past the last: a client that reconnects with it has seen
         everything.
         """
-        events = read
-        while True:
-            if events is None:
-                events = await self.read(app_id, reply, after)
-            if not events:
-                if await self.live(app_id, reply):
-                    await asyncio.sleep(POLL_SECONDS)
-                    events = None
-                    continue
-                events = await self.read(app_id, reply, after)  # it may have just ended
+        with self._bus.watch("events", app_id) as woken, self._following(app_id, reply, woken):
+            events = read
+            while True:
+                if events is None:
+                    woken.clear()  # before reading: a message that comes meanwhile wakes us
+                    events = await self.read(app_id, reply, after)
                 if not events:
-                    yield [LoggedEvent(after + 1, "error", CUT_OFF)]
+                    if await self.live(app_id, reply):
+                        await woken.wait()
+                        events = None
+                        continue
+                    events = await self.read(app_id, reply, after)  # it may have just ended
+                    if not events:
+                        yield [LoggedEvent(after + 1, "error", CUT_OFF)]
+                        return
+                sendable = [event for event in events if event.event != END]
+                if sendable:
+                    yield sendable
+                if len(sendable) < len(events):
                     return
-            sendable = [event for event in events if event.event != END]
-            if sendable:
-                yield sendable
-            if len(sendable) < len(events):
-                return
-            after, events = events[-1].id, None
+                after, events = events[-1].id, None
+
+    @contextmanager
+    def _following(self, app_id: str, reply: int, woken: asyncio.Event) -> Iterator[None]:
+        followers = self._followed.setdefault((app_id, reply), set())
+        followers.add(woken)
+        try:
+            yield
+        finally:
+            followers.discard(woken)
+            if not followers:
+                del self._followed[(app_id, reply)]
+
+    async def watch_liveness(self) -> None:
+        """Once a second, wake the followers of replies whose turn no longer runs (its host
+        died, say), so that they end; one query for all of this worker's followers."""
+        while True:
+            await asyncio.sleep(LIVENESS_SECONDS)
+            if not self._followed:
+                continue
+            followed = list(self._followed)
+            try:
+                rows = await self._query(
+                    "SELECT f.appid, f.reply"
+                    " FROM unnest(%s::text[], %s::bigint[]) AS f(appid, reply)"
+                    " WHERE NOT EXISTS (SELECT 1 FROM conversation_leases AS lease"
+                    " WHERE lease.appid = f.appid AND lease.replies = f.reply"
+                    " AND chatterd_lease_held(lease.appid))",
+                    ([app_id for app_id, _ in followed], [reply for _, reply in followed]),
+                )
+            except StoreError:
+                continue
+            for app_id, reply in rows:
+                for woken in self._followed.get((app_id, reply), ()):
+                    woken.set()

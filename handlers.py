@@ -22,9 +22,10 @@ import events
 import metrics
 import toolbox
 from admission import Admission, Shed
-from conversation import Chat, ChatRequest, ConversationBusy, Refusal, error_kind
+from conversation import Chat, ChatRequest, Refusal, error_kind
 from events import EventLog
 from history import StoreError
+from leases import ConversationBusy
 from ollama import ROLES, Message, OllamaError
 from servers import NoServer, Servers
 
@@ -283,7 +284,7 @@ async def forget(request: Request) -> Response:
     request.state.app_id = app_id
     chat: Chat = request.app.state.chat
     try:
-        async with chat.lease(app_id):
+        async with chat.leases.hold(app_id, on_lost=lambda: None):
             await chat.history.forget(app_id)
     except ConversationBusy as exc:
         raise ClientError(exc.status, str(exc)) from None

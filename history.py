@@ -11,7 +11,6 @@ never read as history; those a dead process left behind are removed by the next 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -236,41 +235,6 @@ class History:
                     )
         except psycopg.Error as exc:
             raise StoreError(f"the database could not delete it: {reason(exc)}") from exc
-
-    async def take_lease(self, app_id: str, holder: uuid.UUID, seconds: float) -> int | None:
-        """Take the conversation's lease if nobody holds it (or the holder's has expired).
-
-        Returns the reply number of the turn it is taken for (each new holder counts one
-        more), or None when another holder has it. The same holder renews it.
-        """
-        try:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(
-                    "INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
-                    " VALUES (%s, %s, now() + make_interval(secs => %s), 1)"
-                    " ON CONFLICT (appid) DO UPDATE"
-                    " SET holder = EXCLUDED.holder, expires = EXCLUDED.expires,"
-                    " replies = lease.replies + (lease.holder <> EXCLUDED.holder)::int"
-                    " WHERE lease.expires < now() OR lease.holder = EXCLUDED.holder"
-                    " RETURNING replies",
-                    (app_id, holder, seconds),
-                )
-                row = await cursor.fetchone()
-        except psycopg.Error as exc:
-            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
-        return row[0] if row else None
-
-    async def drop_lease(self, app_id: str, holder: uuid.UUID) -> None:
-        """Let go of the lease; its row stays, counting the appID's replies."""
-        try:
-            async with self.pool.connection() as conn:
-                await conn.execute(
-                    "UPDATE conversation_leases SET expires = '-infinity'"
-                    " WHERE appid = %s AND holder = %s",
-                    (app_id, holder),
-                )
-        except psycopg.Error as exc:
-            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
 
     async def _insert_rows(
         self,

@@ -33,8 +33,10 @@ import metrics
 import toolbox
 from admission import Admission
 from admission import Limits as AdmissionLimits
+from bus import Bus
 from conversation import Chat, Limits
 from events import EventLog
+from leases import Leases
 from middleware import AccessLog, Authenticate, CloseUnreadBody, configure_logging
 from servers import Server, Servers
 
@@ -196,6 +198,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             open=False,
         )
         await pool.open()
+        messages = Bus(database_url, pool)
+        await messages.open()
+        leases = Leases(database_url, messages, config.conversation_wait)
+        await leases.open()
         servers = Servers(
             [Server(url, ollama_client(config, url)) for url in config.ollama_base_urls],
             config.ollama_check_seconds,
@@ -207,16 +213,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         weather_client = httpx.AsyncClient(timeout=config.weather_timeout)
         tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
-        event_log = EventLog(pool, config.events_keep)
+        event_log = EventLog(pool, config.events_keep, messages)
         chat = Chat(
             history.History(pool, role_column),
             event_log,
+            leases,
             admission,
+            messages,
             tool_env,
             Limits(
                 max_rounds=config.max_tool_rounds,
                 tool_repeats=config.tool_repeats,
-                lease_wait=config.conversation_wait,
                 history_messages=config.history_max_messages,
                 history_tokens=config.history_max_tokens,
                 context_window=config.context_window,
@@ -227,7 +234,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.tool_env = tool_env
         app.state.chat = chat
         background = [
+            asyncio.create_task(messages.run()),
+            asyncio.create_task(leases.run()),
             asyncio.create_task(event_log.run()),
+            asyncio.create_task(event_log.watch_liveness()),
             asyncio.create_task(servers.run()),
             asyncio.create_task(report_pool(pool)),
         ]
@@ -238,6 +248,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             for task in background:
                 task.cancel()
             await event_log.flush()
+            await leases.close()
             await servers.aclose()
             await weather_client.aclose()
             await pool.close()

@@ -63,15 +63,34 @@ CREATE TABLE IF NOT EXISTS device_tools (
     PRIMARY KEY (appid, name)
 );
 
--- One writer per conversation: a request holds its appID's lease while its turn runs, and
--- renews it; a lease whose holder died expires by itself. The row stays when the lease is
--- let go: `replies` counts the turns that took it, and numbers their stream events.
+-- One writer per conversation: a turn holds its appID's lease, a session-level advisory
+-- lock on its worker's lock connection, which PostgreSQL lets go when that session ends
+-- (leases.py). The appID's row counts the turns that took the lease (`replies`), which
+-- numbers their stream events; `holder` is the worker that took it last. (`expires` is
+-- what the leases of earlier versions ran out by.)
 CREATE TABLE IF NOT EXISTS conversation_leases (
     appid   varchar(155) PRIMARY KEY,
     holder  uuid NOT NULL,
     expires timestamptz NOT NULL
 );
 ALTER TABLE conversation_leases ADD COLUMN IF NOT EXISTS replies bigint NOT NULL DEFAULT 0;
+
+-- The advisory lock of an appID's lease (per schema, so that chatterds on other schemas of
+-- the same database don't share locks), and whether any session holds it.
+CREATE OR REPLACE FUNCTION chatterd_lease_key(appid text) RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$ SELECT hashtextextended(current_schema() || ' ' || appid, 7305275628) $$;
+CREATE OR REPLACE FUNCTION chatterd_lease_held(appid text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+        SELECT EXISTS (
+            SELECT 1 FROM pg_locks
+            WHERE locktype = 'advisory' AND granted AND objsubid = 1
+              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND classid = ((chatterd_lease_key(appid) >> 32) & 4294967295)::oid
+              AND objid = (chatterd_lease_key(appid) & 4294967295)::oid
+        )
+    $$;
 
 -- Every SSE event of the recent replies, so that a client that lost its stream can resume
 -- it from any worker (events.py). An `end` row marks a reply's end. Kept for

@@ -1,0 +1,125 @@
+"""Messages between chatterd's workers and hosts, over PostgreSQL's LISTEN/NOTIFY.
+
+Each worker listens on one dedicated connection and fans what arrives out in memory: to
+code that waits for a message about one appID (`watch`), and to handlers of a kind of
+message (`handle`). A message is `<kind> <payload>`:
+
+- `events ["appID", ...]`: the event log wrote new events of these appIDs;
+- `free <appID>`: a conversation's lease was let go;
+- `stop <appID>`: stop the appID's turn, wherever it runs.
+
+A message goes out with `send`, or with `pg_notify(bus.channel, message)` in a statement
+of the sender's own (the event log's write, a lease's release).
+While the listening connection is down, messages are missed: every watcher is woken when
+it is back, so that each looks again for itself. The channel is named after the schema,
+so that chatterds on other schemas of the same database don't hear each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from history import StoreError, reason
+
+log = logging.getLogger("chatterd")
+
+RECONNECT_SECONDS = 0.2  # how soon to try again when the database is away
+
+
+class Bus:
+    def __init__(self, conninfo: str, pool: AsyncConnectionPool) -> None:
+        self._conninfo = conninfo
+        self._pool = pool  # to send with
+        self.channel = "chatterd"  # named after the schema once connected
+        self._watchers: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._handlers: dict[str, Callable[[str], None]] = {}
+        self.listening = asyncio.Event()
+
+    async def open(self) -> None:
+        """Learn the channel's name (from the schema), before anyone sends."""
+        async with await psycopg.AsyncConnection.connect(self._conninfo) as conn:
+            schema = (await (await conn.execute("SELECT current_schema()")).fetchone())[0]
+        self.channel = "chatterd" if schema == "public" else f"chatterd.{schema}"
+
+    async def send(self, message: str) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, message))
+        except psycopg.Error as exc:
+            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
+
+    def handle(self, kind: str, handler: Callable[[str], None]) -> None:
+        """Call `handler(payload)` for every message of this kind."""
+        self._handlers[kind] = handler
+
+    @contextmanager
+    def watch(self, kind: str, key: str) -> Iterator[asyncio.Event]:
+        """An event that is set whenever a message of `kind` about `key` arrives (clear it
+        to wait for the next one), and when the bus reconnects."""
+        woken = asyncio.Event()
+        watchers = self._watchers.setdefault((kind, key), set())
+        watchers.add(woken)
+        try:
+            yield woken
+        finally:
+            watchers.discard(woken)
+            if not watchers:
+                del self._watchers[(kind, key)]
+
+    async def run(self) -> None:
+        """Listen, and listen again whenever the connection is lost."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True
+                ) as conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    self.listening.set()
+                    self._wake_everyone()  # what was sent while away is for them to look up
+                    async for notify in conn.notifies():
+                        self._dispatch(notify.payload)
+            except psycopg.Error as exc:
+                if self.listening.is_set():
+                    log.warning("lost the database's notifications: %s", reason(exc))
+                self.listening.clear()
+                await asyncio.sleep(RECONNECT_SECONDS)
+
+    def _dispatch(self, message: str) -> None:
+        kind, _, payload = message.partition(" ")
+        keys = json.loads(payload) if kind == "events" else [payload]
+        for key in keys:
+            for woken in self._watchers.get((kind, key), ()):
+                woken.set()
+        if handler := self._handlers.get(kind):
+            for key in keys:
+                handler(key)
+
+    def _wake_everyone(self) -> None:
+        for watchers in self._watchers.values():
+            for woken in watchers:
+                woken.set()
+
+
+def messages(kind: str, keys: list[str], limit: int = 7900) -> list[str]:
+    """`events` messages for these keys, each under PostgreSQL's 8000-byte payload limit."""
+    found: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for key in keys:
+        cost = len(json.dumps(key, ensure_ascii=False).encode()) + 1
+        if batch and size + cost > limit:
+            found.append(f"{kind} {json.dumps(batch, ensure_ascii=False)}")
+            batch, size = [], 0
+        batch.append(key)
+        size += cost
+    if batch:
+        found.append(f"{kind} {json.dumps(batch, ensure_ascii=False)}")
+    return found

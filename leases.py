@@ -1,0 +1,186 @@
+"""One turn at a time per conversation, across all workers and hosts: the leases.
+
+A turn holds its appID's lease as a session-level advisory lock on its worker's one lock
+connection. PostgreSQL lets go of every lock of a session the moment the session ends, so
+the conversations of a worker that dies are free again at once: a killed process's socket
+is closed by its kernel, and a host that vanishes is noticed by TCP keepalives within
+seconds. Nothing is written while a turn runs; the `conversation_leases` row of an appID
+only counts its turns, which numbers their stream events.
+
+If the lock connection itself is lost, so are the leases held on it: those turns are told
+(`on_lost`) and must not store anything, since another worker may now hold the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from bus import Bus
+from history import StoreError, reason
+
+log = logging.getLogger("chatterd")
+
+HEARTBEAT_SECONDS = 1.0  # how often the lock connection is checked
+RECONNECT_SECONDS = 0.2
+RETRY_SECONDS = 0.5  # how often a waiting turn tries again without being told of a release
+# TCP keepalives, both ways, so that a vanished peer is noticed in about five seconds.
+CLIENT_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 5000,
+}
+SERVER_KEEPALIVES = (
+    "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=2"
+    " -c tcp_user_timeout=5000"
+)
+
+
+class ConversationBusy(Exception):
+    """Another request for the same appID held the conversation for too long."""
+
+    status = 409
+
+
+def with_keepalives(conninfo: str) -> str:
+    """The conninfo with TCP keepalives on both ends (ignored on Unix sockets)."""
+    params = conninfo_to_dict(conninfo)
+    options = " ".join(filter(None, [params.get("options"), SERVER_KEEPALIVES]))
+    return make_conninfo(conninfo, **{**CLIENT_KEEPALIVES, "options": options})
+
+
+class Leases:
+    def __init__(self, conninfo: str, bus: Bus, wait: float) -> None:
+        self._conninfo = with_keepalives(conninfo)
+        self._bus = bus
+        self.wait = wait  # seconds a turn waits for another of its appID to finish
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._ready = asyncio.Event()
+        self._held: dict[str, Callable[[], None]] = {}  # appID -> tell its turn it was lost
+        self._holder = uuid.uuid4()  # this worker, as written in the leases' rows
+
+    async def open(self) -> None:
+        await self._connect()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def run(self) -> None:
+        """Check the lock connection every second; when it is lost, connect again."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS if self._ready.is_set() else RECONNECT_SECONDS)
+            try:
+                if self._ready.is_set():
+                    await self._execute("SELECT 1")
+                else:
+                    await self._connect()
+            except (psycopg.Error, StoreError):
+                pass  # _execute has let the turns know; try again shortly
+
+    @asynccontextmanager
+    async def hold(self, app_id: str, on_lost: Callable[[], None]) -> AsyncIterator[int]:
+        """Hold the appID's lease while the block runs; yield the turn's reply number.
+
+        Waits up to `wait` seconds for a turn that holds it to finish (ConversationBusy
+        past that). `on_lost` is called if the lease is lost before the block ends.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        with self._bus.watch("free", app_id) as freed:
+            while (reply := await self._take(app_id)) is None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise ConversationBusy(
+                        f"another request for this appID has been running for over"
+                        f" {self.wait:g} s; try again when it has finished"
+                    )
+                freed.clear()
+                try:
+                    async with asyncio.timeout(min(RETRY_SECONDS, left)):
+                        await freed.wait()
+                except TimeoutError:
+                    pass
+        self._held[app_id] = on_lost
+        try:
+            yield reply
+        finally:
+            del self._held[app_id]
+            await asyncio.shield(self._let_go(app_id))
+
+    async def held_anywhere(self, app_id: str) -> bool:
+        """Whether a turn of the appID runs now, on any worker or host."""
+        if app_id in self._held:
+            return True
+        await self._wait_ready()
+        row = await self._execute("SELECT chatterd_lease_held(%s)", (app_id,))
+        return bool(row and row[0])
+
+    async def _take(self, app_id: str) -> int | None:
+        if app_id in self._held:  # a session's advisory locks are reentrant: look here first
+            return None
+        await self._wait_ready()
+        row = await self._execute(
+            "WITH taken AS (SELECT pg_try_advisory_lock(chatterd_lease_key(%(app)s)) AS ok)"
+            " INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
+            " SELECT %(app)s, %(holder)s, 'infinity', 1 FROM taken WHERE ok"
+            " ON CONFLICT (appid) DO UPDATE"
+            " SET holder = EXCLUDED.holder, replies = lease.replies + 1"
+            " RETURNING replies",
+            {"app": app_id, "holder": self._holder},
+        )
+        return row[0] if row else None
+
+    async def _let_go(self, app_id: str) -> None:
+        try:
+            await self._execute(
+                "SELECT pg_advisory_unlock(chatterd_lease_key(%s)), pg_notify(%s, %s)",
+                (app_id, self._bus.channel, f"free {app_id}"),
+            )
+        except StoreError:
+            pass  # the connection is gone, and the lock with it
+
+    async def _wait_ready(self) -> None:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._ready.wait()
+        except TimeoutError:
+            raise StoreError("the database is unavailable: no connection for the leases") from None
+
+    async def _execute(self, query: str, params: Any = None) -> tuple[Any, ...] | None:
+        conn = self._conn
+        if conn is None or not self._ready.is_set():
+            raise StoreError("the database is unavailable: no connection for the leases")
+        try:
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchone() if cursor.description else None
+        except psycopg.OperationalError as exc:
+            self._lost(reason(exc))
+            raise StoreError(f"the database is unavailable: {reason(exc)}") from exc
+
+    async def _connect(self) -> None:
+        old, self._conn = self._conn, None
+        if old is not None:
+            await old.close()
+        self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        self._ready.set()
+
+    def _lost(self, why: str) -> None:
+        """The lock connection broke: every lease on it is gone."""
+        if not self._ready.is_set():
+            return
+        self._ready.clear()
+        log.warning(
+            "lost the lock connection (%s): %d turns lose their lease", why, len(self._held)
+        )
+        for tell in list(self._held.values()):
+            tell()
