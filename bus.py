@@ -11,8 +11,10 @@ message (`handle`). A message is `<kind> <payload>`:
 A message goes out with `send`, or with `pg_notify(bus.channel, message)` in a statement
 of the sender's own (the event log's write, a lease's release).
 While the listening connection is down, messages are missed: every watcher is woken when
-it is back, so that each looks again for itself. The channel is named after the schema,
-so that chatterds on other schemas of the same database don't hear each other.
+it is back, so that each looks again for itself. Its coming back is also the sign that the
+database is back (`back`), sooner than the pool's own back-off would find out. The
+channel is named after the schema, so that chatterds on other schemas of the same database
+don't hear each other.
 """
 
 from __future__ import annotations
@@ -27,21 +29,24 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from history import StoreError, reason
+from history import StoreError, reason, with_keepalives
 
 log = logging.getLogger("chatterd")
 
 RECONNECT_SECONDS = 0.2  # how soon to try again when the database is away
+HEARTBEAT_SECONDS = 1.0
+CONNECT_SECONDS = 3
 
 
 class Bus:
     def __init__(self, conninfo: str, pool: AsyncConnectionPool) -> None:
-        self._conninfo = conninfo
+        self._conninfo = with_keepalives(conninfo)
         self._pool = pool  # to send with
         self.channel = "chatterd"  # named after the schema once connected
         self._watchers: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._handlers: dict[str, Callable[[str], None]] = {}
         self.listening = asyncio.Event()
+        self.back = asyncio.Event()  # set when the database is back after an outage
 
     async def open(self) -> None:
         """Learn the channel's name (from the schema), before anyone sends."""
@@ -75,21 +80,32 @@ class Bus:
                 del self._watchers[(kind, key)]
 
     async def run(self) -> None:
-        """Listen, and listen again whenever the connection is lost."""
+        """Listen, and listen again whenever the connection is lost.
+
+        Between waits for messages a `SELECT 1` checks the connection, so that a database
+        that went away is noticed within a few seconds even when nothing is said.
+        """
+        lost = False
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True
+                    self._conninfo, autocommit=True, connect_timeout=CONNECT_SECONDS
                 ) as conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     self.listening.set()
                     self._wake_everyone()  # what was sent while away is for them to look up
-                    async for notify in conn.notifies():
-                        self._dispatch(notify.payload)
+                    if lost:
+                        log.info("the database is back")
+                        self.back.set()
+                    while True:
+                        async for notify in conn.notifies(timeout=HEARTBEAT_SECONDS):
+                            self._dispatch(notify.payload)
+                        await conn.execute("SELECT 1")
             except psycopg.Error as exc:
                 if self.listening.is_set():
                     log.warning("lost the database's notifications: %s", reason(exc))
                 self.listening.clear()
+                lost = True
                 await asyncio.sleep(RECONNECT_SECONDS)
 
     def _dispatch(self, message: str) -> None:

@@ -98,7 +98,7 @@ class EventLog:
                     await conn.execute(
                         "WITH written AS ("
                         " INSERT INTO stream_events (appid, id, event, data)"
-                        " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bytea[])"
+                        " SELECT * FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::bytea[])"
                         " ON CONFLICT DO NOTHING)"
                         " SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message",
                         (app_ids, ids, names, datas, self._bus.channel, told),

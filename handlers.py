@@ -229,8 +229,8 @@ async def resume(request: Request) -> Response:
                 raise ClientError(
                     404, "no events are kept for that reply: they expire, or it never began"
                 )
-            if after > last_logged:
-                return Response(status_code=204)  # it has had the cut-off notice
+            if after == last_logged + 1:
+                return Response(status_code=204)  # it has had the cut-off notice (not logged)
     if [event.event for event in missed] == [events.END]:
         return Response(status_code=204)  # the client has seen the whole reply
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -297,6 +298,28 @@ def _tool_calls(stored: str | None) -> list[dict[str, Any]] | None:
     except ValueError:
         return None
     return calls if isinstance(calls, list) and calls else None
+
+
+# A database host that vanishes (no FIN, no RST) is noticed by TCP keepalives in about three
+# seconds, instead of the system's two hours, and one that does not answer a connection in
+# three. libpq ignores the keepalives on Unix sockets.
+CLIENT_KEEPALIVES = {
+    "connect_timeout": 3,
+    "keepalives": 1,
+    "keepalives_idle": 1,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 2000,
+}
+
+
+def with_keepalives(conninfo: str, server_side: str = "") -> str:
+    """The conninfo with TCP keepalives, and PostgreSQL's own for this session if given."""
+    extra: dict[str, Any] = dict(CLIENT_KEEPALIVES)
+    if server_side:
+        options = conninfo_to_dict(conninfo).get("options")
+        extra["options"] = " ".join(filter(None, [options, server_side]))
+    return make_conninfo(conninfo, **extra)
 
 
 def reason(exc: psycopg.Error) -> str:

@@ -21,27 +21,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bus import Bus
-from history import StoreError, reason
+from history import StoreError, reason, with_keepalives
 
 log = logging.getLogger("chatterd")
 
 HEARTBEAT_SECONDS = 1.0  # how often the lock connection is checked
 RECONNECT_SECONDS = 0.2
 RETRY_SECONDS = 0.5  # how often a waiting turn tries again without being told of a release
-# TCP keepalives, both ways, so that a vanished peer is noticed in about five seconds.
-CLIENT_KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 2,
-    "keepalives_interval": 1,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 5000,
-}
+# PostgreSQL lets go of a vanished host's locks once its TCP keepalives give up, in about
+# four seconds (idle 2 s, then 2 probes 1 s apart, or 4 s of unacknowledged data). The
+# worker must know it lost them before that, so that two hosts never both believe they
+# hold a lease: its own keepalives and heartbeat give up within three seconds.
 SERVER_KEEPALIVES = (
     "-c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=2"
-    " -c tcp_user_timeout=5000"
+    " -c tcp_user_timeout=4000"
 )
 
 
@@ -51,16 +46,13 @@ class ConversationBusy(Exception):
     status = 409
 
 
-def with_keepalives(conninfo: str) -> str:
-    """The conninfo with TCP keepalives on both ends (ignored on Unix sockets)."""
-    params = conninfo_to_dict(conninfo)
-    options = " ".join(filter(None, [params.get("options"), SERVER_KEEPALIVES]))
-    return make_conninfo(conninfo, **{**CLIENT_KEEPALIVES, "options": options})
+def _taking() -> None:
+    """The mark of a lease being taken: nothing to tell if it is lost meanwhile."""
 
 
 class Leases:
     def __init__(self, conninfo: str, bus: Bus, wait: float) -> None:
-        self._conninfo = with_keepalives(conninfo)
+        self._conninfo = with_keepalives(conninfo, server_side=SERVER_KEEPALIVES)
         self._bus = bus
         self.wait = wait  # seconds a turn waits for another of its appID to finish
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -126,18 +118,27 @@ class Leases:
         return bool(row and row[0])
 
     async def _take(self, app_id: str) -> int | None:
-        if app_id in self._held:  # a session's advisory locks are reentrant: look here first
+        # A session's advisory locks are reentrant: this worker's own turns (and those
+        # taking the lock right now) are kept apart here.
+        if app_id in self._held:
             return None
-        await self._wait_ready()
-        row = await self._execute(
-            "WITH taken AS (SELECT pg_try_advisory_lock(chatterd_lease_key(%(app)s)) AS ok)"
-            " INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
-            " SELECT %(app)s, %(holder)s, 'infinity', 1 FROM taken WHERE ok"
-            " ON CONFLICT (appid) DO UPDATE"
-            " SET holder = EXCLUDED.holder, replies = lease.replies + 1"
-            " RETURNING replies",
-            {"app": app_id, "holder": self._holder},
-        )
+        self._held[app_id] = _taking
+        try:
+            await self._wait_ready()
+            row = await self._execute(
+                "WITH taken AS (SELECT pg_try_advisory_lock(chatterd_lease_key(%(app)s)) AS ok)"
+                " INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
+                " SELECT %(app)s, %(holder)s, 'infinity', 1 FROM taken WHERE ok"
+                " ON CONFLICT (appid) DO UPDATE"
+                " SET holder = EXCLUDED.holder, replies = lease.replies + 1"
+                " RETURNING replies",
+                {"app": app_id, "holder": self._holder},
+            )
+        except asyncio.CancelledError:  # it may have been taken: let go of it, to be sure
+            await asyncio.shield(self._let_go(app_id))
+            raise
+        finally:
+            del self._held[app_id]
         return row[0] if row else None
 
     async def _let_go(self, app_id: str) -> None:

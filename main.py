@@ -190,7 +190,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         except psycopg.Error as exc:
             raise SystemExit(f"chatterd: cannot use the database: {exc}") from None
         pool = AsyncConnectionPool(
-            database_url,
+            history.with_keepalives(database_url),
             min_size=config.db_pool_min,
             max_size=max(config.db_pool_max, config.db_pool_min),
             timeout=config.db_timeout,
@@ -240,6 +240,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             asyncio.create_task(event_log.watch_liveness()),
             asyncio.create_task(servers.run()),
             asyncio.create_task(report_pool(pool)),
+            asyncio.create_task(refill_when_back(pool, messages)),
         ]
         try:
             yield
@@ -266,6 +267,19 @@ def ollama_client(config: Config, base_url: str) -> httpx.AsyncClient:
             max_connections=config.ollama_max_connections, max_keepalive_connections=100
         ),
     )
+
+
+async def refill_when_back(pool: AsyncConnectionPool, messages: Bus) -> None:
+    """When the database is back after an outage, have the pool connect at once: its own
+    back-off doubles from one second and can wait as long as the outage lasted.
+
+    Growing the pool by one asks for a connection now; the extra one idles out later.
+    """
+    while True:
+        await messages.back.wait()
+        messages.back.clear()
+        await pool.resize(pool.min_size + 1, pool.max_size)
+        await pool.resize(pool.min_size - 1, pool.max_size)
 
 
 async def report_pool(pool: AsyncConnectionPool) -> None:

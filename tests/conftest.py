@@ -127,8 +127,13 @@ class Chatterd:
         else:
             command = [*command, *args, "--port", str(self.port)]
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+            self.process = subprocess.Popen(  # in a session of its own, so `kill` gets all
+                command,
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -147,6 +152,12 @@ class Chatterd:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL granian and its workers at once, as when the host loses power."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> int:
         if self.process.poll() is None:

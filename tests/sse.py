@@ -107,11 +107,20 @@ class Streaming(threading.Thread):
     """One streamed request read in a thread, event by event, so a test can act meanwhile."""
 
     def __init__(
-        self, base_url: str, path: str, body: Any, headers: dict[str, str] | None = None
+        self,
+        base_url: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        params: dict[str, str] | None = None,
+        timeout: float = 60,
     ) -> None:
+        """POST `body` (or GET, without one) and read the answer as it comes."""
         super().__init__(daemon=True)
         self.base_url, self.path, self.body = base_url, path, body
-        self.headers = headers or {}
+        self.headers, self.params, self.timeout = headers or {}, params, timeout
+        self.error: Exception | None = None  # what broke the stream, if anything
         self.status: int | None = None
         self.response_headers: dict[str, str] = {}
         self.events: list[Event] = []
@@ -120,8 +129,14 @@ class Streaming(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
-            with client.stream("POST", self.path, json=self.body, headers=self.headers) as answer:
+        method = "GET" if self.body is None else "POST"
+        try:
+            with (
+                httpx.Client(base_url=self.base_url, timeout=self.timeout) as client,
+                client.stream(
+                    method, self.path, json=self.body, headers=self.headers, params=self.params
+                ) as answer,
+            ):
                 self.response_headers = dict(answer.headers)
                 self.status = answer.status_code
                 text = ""
@@ -129,6 +144,8 @@ class Streaming(threading.Thread):
                     text += piece
                     self.events = parse_events(text)
                 self.body_text = text
+        except httpx.HTTPError as exc:
+            self.error = exc
         self.ended_at = time.monotonic()
 
     @property
