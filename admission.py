@@ -162,6 +162,7 @@ class Admission:
         try:
             server = await ticket.granted
         except asyncio.CancelledError:
+            metrics.queue_wait(loop.time() - since)  # a wait that ended in a stop counts too
             granted = ticket.granted
             if granted.done() and not granted.cancelled() and granted.exception() is None:
                 self.release(granted.result(), None)  # granted just as it was cancelled
@@ -179,12 +180,12 @@ class Admission:
 
     def _grant(self, server: Server) -> None:
         server.in_flight += 1
-        metrics.ollama_in_flight(server.url, server.in_flight)
+        metrics.ollama_in_flight(server.name, server.in_flight)
 
     def release(self, server: Server, seconds: float | None) -> None:
         """Give back a slot, after a generation of `seconds` (None: it never began)."""
         server.in_flight -= 1
-        metrics.ollama_in_flight(server.url, server.in_flight)
+        metrics.ollama_in_flight(server.name, server.in_flight)
         if seconds is not None:
             self._generation_seconds += (seconds - self._generation_seconds) / 5
         self._dispatch()
@@ -270,6 +271,10 @@ class Generation:
         self._opened = opened
         self._started = asyncio.get_running_loop().time()
         self._closed = False
+
+    @property
+    def content_type(self) -> str:
+        return self._opened.response.headers.get("content-type", "application/x-ndjson")
 
     def lines(self) -> AsyncIterator[bytes]:
         return self._opened.lines()

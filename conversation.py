@@ -498,7 +498,7 @@ class Chat:
             request.client,
             request.model,
             "/api/chat",
-            json.dumps(body, ensure_ascii=False).encode(),
+            json.dumps(body).encode(),  # ASCII, so that no lone surrogate can break it
             tell_position,
             continuing=continuing,
         )
@@ -613,5 +613,5 @@ def _only_device_calls(chunk: dict[str, Any], line: bytes, tools: ToolUse) -> by
     if len(device_calls) == len(calls):
         return line
     message = {**chunk["message"], "tool_calls": device_calls}
-    compact = json.dumps({**chunk, "message": message}, ensure_ascii=False, separators=(",", ":"))
+    compact = json.dumps({**chunk, "message": message}, separators=(",", ":"))
     return compact.encode()

@@ -8,42 +8,70 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse
+from starlette.convertors import Convertor
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 import events
 import metrics
 import toolbox
 from admission import Admission, Shed
+from checks import (
+    APP_ID,
+    LATITUDE,
+    LONGITUDE,
+    MODEL,
+    PAGE_AFTER,
+    PAGE_LIMIT,
+    ClientError,
+    invalid,
+    parse_chat,
+    parse_json,
+    parse_last_event_id,
+    parse_object,
+)
 from conversation import Chat, ChatRequest, Refusal, error_kind
 from events import EventLog
 from history import StoreError
 from leases import ConversationBusy
-from ollama import ROLES, Message, OllamaError
+from middleware import resume_token
+from ollama import OllamaError
 from servers import NoServer, Servers
 
-MAX_APP_ID = 155  # the tutorial's VARCHAR(155)
 STOP_WAIT_SECONDS = 5.0  # how long POST .../stop waits for the stopped turn to be stored
 T = TypeVar("T")
-OLLAMA_FIELDS = ("options", "format", "keep_alive", "think")
 
 
-class ClientError(Exception):
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def invalid(error: str) -> ClientError:
-    return ClientError(422, error)
+def by_method(endpoints: dict[str, Endpoint]) -> Endpoint:
+    """One endpoint for a path that answers several methods, each with its own handler."""
+
+    async def endpoint(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
+
+
+class AppIDConvertor(Convertor[str]):
+    """An appID in a path: one segment of any characters, newlines too, so that the handler
+    (not a 404) says what is wrong with one."""
+
+    regex = "[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
 async def read_body(request: Request) -> bytes:
@@ -62,15 +90,6 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise ClientError(400, "the body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise ClientError(400, f"the body is not valid JSON: {exc}") from None
-
-
 async def read_json(request: Request) -> Any:
     return parse_json(await read_body(request))
 
@@ -86,12 +105,7 @@ async def llmprompt(request: Request) -> Response:
     the answer streams, stops the generation at once: nothing is stored for it.
     """
     body = await read_body(request)
-    prompt = parse_json(body)
-    if not isinstance(prompt, dict):
-        raise invalid("body: must be a JSON object")
-    model = prompt.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise invalid("model: must be a non-empty string")
+    model = MODEL.check("model", parse_object(parse_json(body)).get("model"))
     admission: Admission = request.app.state.admission
     received = asyncio.get_running_loop().time()
     try:
@@ -104,19 +118,55 @@ async def llmprompt(request: Request) -> Response:
     if generation is None:
         metrics.client_disconnected()
         return Response(status_code=499)  # nobody is there to read it
-    metrics.first_token("/llmprompt", asyncio.get_running_loop().time() - received)
 
     async def relay() -> AsyncIterator[bytes]:
+        output = PromptOutput(model)
         with streaming():
             try:
                 async for chunk in generation.chunks():
+                    if not output.began:
+                        loop_time = asyncio.get_running_loop().time()
+                        metrics.first_token("/llmprompt", loop_time - received)
+                    output.feed(chunk)
                     yield chunk
             except OllamaError:
                 pass  # Ollama broke off: the client sees the stream end without a done line
             finally:
+                output.report()
                 await generation.aclose()
 
-    return StreamingResponse(relay(), media_type="application/x-ndjson")
+    return StreamingResponse(relay(), media_type=generation.content_type)
+
+
+class PromptOutput:
+    """What /llmprompt relays, counted line by line for the metrics; the bytes relayed are
+    Ollama's, untouched (a line may span chunks)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.began = False
+        self.tokens = 0  # lines before the done line
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.began = True
+        *lines, self._tail = (self._tail + chunk).split(b"\n")
+        for line in lines:
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(parsed, dict):
+                continue
+            if parsed.get("done") is True:
+                metrics.model_speed(
+                    self.model, parsed.get("eval_count"), parsed.get("eval_duration")
+                )
+            else:
+                self.tokens += 1
+
+    def report(self) -> None:
+        metrics.reply_tokens(self.model, self.tokens)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -156,8 +206,17 @@ async def llmtools(request: Request) -> Response:
 async def _chat(request: Request, *, with_tools: bool) -> Response:
     config = request.app.state.config
     received = asyncio.get_running_loop().time()
-    chat_request = parse_chat(await read_json(request), config.max_messages, with_tools=with_tools)
-    chat_request.client, chat_request.received = request.state.client, received
+    checked = parse_chat(await read_json(request), config.max_messages, with_tools=with_tools)
+    chat_request = ChatRequest(
+        app_id=checked.app_id,
+        model=checked.model,
+        messages=checked.messages,
+        ollama_fields=checked.ollama_fields,
+        declared_tools=checked.declared_tools,
+        with_tools=with_tools,
+        client=request.state.client,
+        received=received,
+    )
     request.state.app_id = chat_request.app_id
     if config.log_content:
         request.state.content = [message.content for message in chat_request.messages]
@@ -175,7 +234,10 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
             async for batch in outbox.rest():  # one write for all the events that are waiting
                 yield b"".join([sse(*event) for event in batch])
 
-    return EventSourceResponse(stream(), sep="\n", ping=15)
+    headers = {}
+    if config.api_keys:  # lets a browser's EventSource resume this appID without a key
+        headers["Chatterd-Resume-Token"] = resume_token(config, chat_request.app_id)
+    return EventSourceResponse(stream(), sep="\n", ping=15, headers=headers)
 
 
 @contextmanager
@@ -184,7 +246,7 @@ def streaming() -> Iterator[None]:
     metrics.stream_opened()
     try:
         yield
-    except GeneratorExit:
+    except (GeneratorExit, asyncio.CancelledError):  # closed mid-write, or cancelled idle
         metrics.client_disconnected()
         raise
     finally:
@@ -208,12 +270,14 @@ async def resume(request: Request) -> Response:
     Without `Last-Event-ID`, the appID's newest reply (running or finished) from its start.
     204 when there is nothing more to send, which also stops a browser's EventSource.
     """
-    app_id = parse_app_id(request.query_params.get("appID"))
+    app_id = APP_ID.check("appID", request.query_params.get("appID"))
     request.state.app_id = app_id
     event_log: EventLog = request.app.state.chat.event_log
-    last = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
-    if last:
-        after = parse_whole_number("Last-Event-ID", last, 0, 10**18 - 1)
+    last = parse_last_event_id(
+        request.headers.get("last-event-id"), request.query_params.get("lastEventId")
+    )
+    if last is not None:
+        after = last
         reply = events.reply_of(after)
     else:
         latest = await event_log.latest_reply(app_id)
@@ -252,12 +316,14 @@ async def resume(request: Request) -> Response:
 
 async def conversation(request: Request) -> Response:
     """The stored conversation, oldest first, a page at a time."""
-    app_id = parse_app_id(request.path_params["appID"])
+    app_id = APP_ID.check("appID", request.path_params["appID"])
     request.state.app_id = app_id
-    limit = parse_whole_number("limit", request.query_params.get("limit", "100"), 1, 1000)
-    after = parse_whole_number("after", request.query_params.get("after", "0"), 0, 2**62)
+    limit = PAGE_LIMIT.check("limit", request.query_params.get("limit", "100"))
+    after = PAGE_AFTER.check("after", request.query_params.get("after", "0"))
     chat: Chat = request.app.state.chat
     page = await chat.history.page(app_id, after, limit + 1)  # one more: is there a next page?
+    if not page and not await chat.history.has_any(app_id):
+        raise ClientError(404, "nothing is stored for this appID")
     more = len(page) > limit
     page = page[:limit]
     body = {
@@ -280,7 +346,7 @@ async def conversation(request: Request) -> Response:
 
 async def forget(request: Request) -> Response:
     """Delete the conversation and the app's device tools, once a running turn has ended."""
-    app_id = parse_app_id(request.path_params["appID"])
+    app_id = APP_ID.check("appID", request.path_params["appID"])
     request.state.app_id = app_id
     chat: Chat = request.app.state.chat
     try:
@@ -293,127 +359,12 @@ async def forget(request: Request) -> Response:
 
 async def stop(request: Request) -> Response:
     """Stop the appID's running or waiting turn; what was said so far is stored."""
-    app_id = parse_app_id(request.path_params["appID"])
+    app_id = APP_ID.check("appID", request.path_params["appID"])
     request.state.app_id = app_id
     chat: Chat = request.app.state.chat
     if not await chat.stop(app_id, STOP_WAIT_SECONDS):
         raise ClientError(404, "no turn of this appID is running or waiting")
     return JSONResponse({"appID": app_id, "stopped": True})
-
-
-def parse_whole_number(name: str, raw: str, lowest: int, highest: int) -> int:
-    if not (raw.isascii() and raw.isdigit() and len(raw) < 20 and lowest <= int(raw) <= highest):
-        raise invalid(
-            f"{name}: must be a whole number from {lowest} to {highest}, not {raw[:40]!r}"
-        )
-    return int(raw)
-
-
-def parse_app_id(app_id: Any) -> str:
-    if not isinstance(app_id, str) or not app_id.strip() or len(app_id) > MAX_APP_ID:
-        raise invalid(f"appID: must be a non-empty string of at most {MAX_APP_ID} characters")
-    check_text("appID", app_id)
-    return app_id
-
-
-def parse_chat(body: Any, max_messages: int, *, with_tools: bool) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise invalid("body: must be a JSON object")
-    app_id = parse_app_id(body.get("appID"))
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise invalid("model: must be a non-empty string")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages: must be a non-empty list of messages")
-    if len(messages) > max_messages:
-        raise invalid(f"messages: at most {max_messages} in one request")
-    declared = parse_tools(body.get("tools")) if with_tools else None
-    check_text("model", model)
-    return ChatRequest(
-        app_id=app_id,
-        model=model,
-        messages=[parse_message(i, message) for i, message in enumerate(messages)],
-        ollama_fields=parse_ollama_fields(body),
-        declared_tools=declared,
-        with_tools=with_tools,
-    )
-
-
-def parse_message(index: int, message: Any) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise invalid(f"{where}: must be an object with role and content")
-    role, content = message.get("role"), message.get("content")
-    if role not in ROLES:
-        raise invalid(f"{where}.role: must be one of {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise invalid(f"{where}.content: must be a string")
-    check_text(f"{where}.content", content)
-    tool_name = message.get("tool_name")
-    if tool_name is not None and (role != "tool" or not isinstance(tool_name, str)):
-        raise invalid(f"{where}.tool_name: must be a string, on a tool message")
-    check_text(f"{where}.tool_name", tool_name)
-    return Message(role, content, tool_name=tool_name)
-
-
-def parse_ollama_fields(body: dict[str, Any]) -> dict[str, Any]:
-    fields = {name: body[name] for name in OLLAMA_FIELDS if body.get(name) is not None}
-    if "options" in fields and not isinstance(fields["options"], dict):
-        raise invalid("options: must be an object")
-    if "format" in fields and not isinstance(fields["format"], str | dict):
-        raise invalid('format: must be "json" or a JSON schema object')
-    if "think" in fields and not isinstance(fields["think"], bool | str):
-        raise invalid('think: must be true, false, "low", "medium" or "high"')
-    keep_alive = fields.get("keep_alive")
-    if keep_alive is not None and (
-        isinstance(keep_alive, bool) or not isinstance(keep_alive, str | int | float)
-    ):
-        raise invalid('keep_alive: must be a duration such as "5m" or a number of seconds')
-    for name, value in fields.items():
-        check_text(name, value)
-    return fields
-
-
-def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Device tools as the apps declare them; `"parameters": null` is allowed."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise invalid("tools: must be a list of tool declarations")
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            raise invalid(f"tools[{i}].function.name: must be a non-empty string")
-        if name in toolbox.TOOLBOX:
-            raise invalid(f"tools[{i}]: {name!r} is a resident tool's name; choose another")
-        if tool.get("type", "function") != "function":
-            raise invalid(f'tools[{i}].type: must be "function"')
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise invalid(f"tools[{i}].function.parameters: must be an object or null")
-        check_text(f"tools[{i}]", tool)
-    return tools
-
-
-def check_text(where: str, value: Any) -> None:
-    """Refuse text PostgreSQL cannot store: NUL characters and lone UTF-16 surrogates."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise invalid(f"{where}: must not contain the NUL character")
-        if not value.isascii():
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise invalid(f"{where}: must not contain a lone surrogate (\\ud800)") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_text(where, key)
-            check_text(where, item)
-    elif isinstance(value, list):
-        for item in value:
-            check_text(where, item)
 
 
 # GET /weather
@@ -427,32 +378,13 @@ async def weather(request: Request) -> Response:
         where = await read_json(request) if await request.body() else {}
         if not isinstance(where, dict):
             raise invalid("body: must be a JSON object with lat and lon")
-    latitude = parse_coordinate(where, "lat")
-    longitude = parse_coordinate(where, "lon")
-    try:
-        toolbox.check_coordinates(latitude, longitude)
-    except toolbox.ToolError as exc:
-        raise invalid(str(exc)) from None
+    latitude = LATITUDE.check("lat", where.get("lat"))
+    longitude = LONGITUDE.check("lon", where.get("lon"))
     try:
         report = await toolbox.get_weather(request.app.state.tool_env, latitude, longitude)
     except toolbox.ToolError as exc:
         raise ClientError(502, str(exc)) from None
     return JSONResponse(report)
-
-
-def parse_coordinate(where: Any, name: str) -> float:
-    value = where.get(name)
-    if value is None:
-        raise invalid(f"{name}: required, as a number")
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise invalid(f"{name}: must be a number, not {value!r}") from None
-    if not math.isfinite(number):
-        raise invalid(f"{name}: must be a finite number")
-    return number
 
 
 # GET /health and GET /openapi.json
@@ -481,6 +413,29 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, 200 if database["reachable"] else 503)
 
 
+# GET /models and GET /playground
+
+
+async def models(request: Request) -> Response:
+    """The models the Ollama servers have, and whether one has it loaded now."""
+    servers: Servers = request.app.state.servers
+    found: dict[str, bool] = {}
+    for server in servers.all:
+        if server.up and server.models is not None:
+            for name in server.models:
+                found[name] = found.get(name, False) or name in server.loaded
+    listed = [{"name": name, "loaded": loaded} for name, loaded in sorted(found.items())]
+    return JSONResponse({"models": listed})
+
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+async def playground(request: Request) -> Response:
+    """One self-contained page to try this chatterd in a browser."""
+    return HTMLResponse(PLAYGROUND.read_bytes())
+
+
 async def metrics_page(request: Request) -> Response:
     """Prometheus' text format, summed over every worker of this chatterd."""
     body, content_type = metrics.exposition()
@@ -490,4 +445,6 @@ async def metrics_page(request: Request) -> Response:
 async def openapi_json(request: Request) -> Response:
     import openapi
 
-    return JSONResponse(openapi.document())
+    if not hasattr(request.app.state, "openapi"):
+        request.app.state.openapi = openapi.document(request.app.state.config)
+    return JSONResponse(request.app.state.openapi)

@@ -11,6 +11,7 @@ never read as history; those a dead process left behind are removed by the next 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -225,6 +226,19 @@ class History:
             raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
         return [StoredMessage(_message(row), row[4], row[5]) for row in rows]
 
+    async def has_any(self, app_id: str) -> bool:
+        """Whether the appID has any stored message."""
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM chatts WHERE appid = %s AND NOT pending)",
+                    (app_id,),
+                )
+                row = await cursor.fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
+        return bool(row and row[0])
+
     async def forget(self, app_id: str) -> None:
         """Delete the conversation, the app's device tools and its kept stream events."""
         try:
@@ -251,10 +265,10 @@ class History:
                     (
                         app_id,
                         message.role,
-                        message.content,
-                        thinking or None,
+                        storable(message.content),
+                        storable(thinking) or None,
                         json.dumps(message.tool_calls) if message.tool_calls else None,
-                        message.tool_name,
+                        storable(message.tool_name),
                     )
                     for message, thinking in messages
                 ],
@@ -275,8 +289,33 @@ class History:
             await cursor.executemany(
                 "INSERT INTO device_tools (appid, name, declaration) VALUES (%s, %s, %s)"
                 " ON CONFLICT (appid, name) DO UPDATE SET declaration = EXCLUDED.declaration",
-                [(app_id, tool["function"]["name"], Jsonb(tool)) for tool in tools],
+                [(app_id, tool["function"]["name"], Jsonb(storable_json(tool))) for tool in tools],
             )
+
+
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone UTF-16 surrogates
+
+
+def storable(text: str | None) -> str | None:
+    """Text as PostgreSQL can hold it: NUL and lone surrogates become U+FFFD.
+
+    Models do write NUL now and then; refusing it would lose the turn. (Tool calls are
+    stored as JSON text, where json.dumps writes it as an escape that reads back exactly.)
+    """
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    return UNSTORABLE.sub("\ufffd", text)
+
+
+def storable_json(value: Any) -> Any:
+    """A JSON value with every string (keys too) made storable, for a jsonb column."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(key): storable_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable_json(item) for item in value]
+    return value
 
 
 def _message(row: tuple[Any, ...]) -> Message:

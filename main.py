@@ -21,6 +21,7 @@ import platformdirs
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.convertors import register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,10 +35,11 @@ import toolbox
 from admission import Admission
 from admission import Limits as AdmissionLimits
 from bus import Bus
+from checks import ClientError
 from conversation import Chat, Limits
 from events import EventLog
 from leases import Leases
-from middleware import AccessLog, Authenticate, CloseUnreadBody, configure_logging
+from middleware import AccessLog, Authenticate, CloseUnreadBody, CrossOrigin, configure_logging
 from servers import Server, Servers
 
 log = logging.getLogger("chatterd")
@@ -78,6 +80,8 @@ class Config:
     shutdown_grace: float
     api_keys: tuple[str, ...]
     metrics_key: str | None
+    cors_origins: tuple[str, ...]
+    resume_token_seconds: float
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...]
     log_format: str
     log_content: bool
@@ -150,6 +154,8 @@ class Config:
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
             api_keys=tuple(listed("CHATTERD_API_KEYS")),
             metrics_key=env.get("CHATTERD_METRICS_KEY", "").strip() or None,
+            cors_origins=tuple(listed("CHATTERD_CORS_ORIGINS")),
+            resume_token_seconds=number("CHATTERD_RESUME_TOKEN_SECONDS", 3600.0),
             trusted_proxies=proxies,
             log_format=choice("CHATTERD_LOG_FORMAT", ("text", "json")),
             log_content=choice("CHATTERD_LOG_CONTENT", ("0", "1")) == "1",
@@ -295,7 +301,7 @@ POOL_REPORT_SECONDS = 2.0
 
 
 async def client_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, handlers.ClientError)
+    assert isinstance(exc, ClientError)
     return JSONResponse({"error": exc.error}, exc.status)
 
 
@@ -314,24 +320,40 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "internal error in chatterd"}, 500)
 
 
+def paths(path: str, **by_method: handlers.Endpoint) -> list[Route]:
+    """A path's route, answered at its trailing-slash form too (the tutorial's servers route
+    `/llmchat/`), with one endpoint per method, so that a 405 lists all the path's methods."""
+    endpoint = handlers.by_method(by_method)
+    return [
+        Route(form, endpoint, methods=list(by_method), name=path if form == path else None)
+        for form in (path + "/", path)
+    ]
+
+
+register_url_convertor("appID", handlers.AppIDConvertor())
+
 server = Starlette(
     routes=[
-        Route("/llmprompt", handlers.llmprompt, methods=["POST"]),
-        Route("/llmchat", handlers.llmchat, methods=["POST"]),
-        Route("/llmtools", handlers.llmtools, methods=["POST"]),
-        Route("/llmchat", handlers.resume, methods=["GET"]),
-        Route("/llmtools", handlers.resume, methods=["GET"]),
-        Route("/conversations/{appID:path}/stop", handlers.stop, methods=["POST"]),
-        Route("/conversations/{appID:path}", handlers.conversation, methods=["GET"]),
-        Route("/conversations/{appID:path}", handlers.forget, methods=["DELETE"]),
-        Route("/weather", handlers.weather, methods=["GET"]),
-        Route("/health", handlers.health, methods=["GET"]),
-        Route("/metrics", handlers.metrics_page, methods=["GET"]),
-        Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
+        *paths("/llmprompt", POST=handlers.llmprompt),
+        *paths("/llmchat", POST=handlers.llmchat, GET=handlers.resume),
+        *paths("/llmtools", POST=handlers.llmtools, GET=handlers.resume),
+        *paths("/conversations/{appID:appID}/stop", POST=handlers.stop),
+        *paths("/conversations/{appID:appID}", GET=handlers.conversation, DELETE=handlers.forget),
+        *paths("/weather", GET=handlers.weather),
+        *paths("/models", GET=handlers.models),
+        *paths("/health", GET=handlers.health),
+        *paths("/metrics", GET=handlers.metrics_page),
+        *paths("/openapi.json", GET=handlers.openapi_json),
+        *paths("/playground", GET=handlers.playground),
     ],
-    middleware=[Middleware(CloseUnreadBody), Middleware(AccessLog), Middleware(Authenticate)],
+    middleware=[
+        Middleware(CloseUnreadBody),
+        Middleware(AccessLog),
+        Middleware(CrossOrigin),
+        Middleware(Authenticate),
+    ],
     exception_handlers={
-        handlers.ClientError: client_error,
+        ClientError: client_error,
         history.StoreError: store_error,
         HTTPException: http_error,
         Exception: server_error,

@@ -13,12 +13,22 @@ import os
 import tempfile
 from pathlib import Path
 
+
 # The directory must be known before prometheus_client is imported: its value class is
 # chosen then. `chatterd` sets it for its workers (a fresh directory per run); workers
 # started by plain granian agree on one named after their parent process.
+def _run_name() -> str:
+    """The parent process (granian's main), by pid and start time: a pid alone is reused."""
+    parent = os.getppid()
+    try:
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return str(parent)
+    return f"{parent}-{started}"
+
+
 os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    str(Path(tempfile.gettempdir()) / f"chatterd-metrics-{os.getppid()}"),
+    "PROMETHEUS_MULTIPROC_DIR", str(Path(tempfile.gettempdir()) / f"chatterd-metrics-{_run_name()}")
 )
 METRICS_DIR = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 METRICS_DIR.mkdir(parents=True, exist_ok=True)
@@ -33,12 +43,16 @@ from prometheus_client import (  # noqa: E402
     multiprocess,
 )
 
+from ollama import full_model_name  # noqa: E402
+
 WAIT_BUCKETS = (0.005, 0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 SPEED_BUCKETS = (1, 2.5, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500)
 
 _requests = Counter(
-    "chatterd_requests_total", "HTTP requests answered, by route and status", ["route", "status"]
+    "chatterd_requests_total",
+    "HTTP requests answered, by route, method and status",
+    ["route", "method", "status"],
 )
 _streams = Gauge(
     "chatterd_streams_active",
@@ -106,8 +120,8 @@ _pool = Gauge(
 )
 
 
-def request(route: str, status: int) -> None:
-    _requests.labels(route, str(status)).inc()
+def request(route: str, method: str, status: int) -> None:
+    _requests.labels(route, method, str(status)).inc()
 
 
 def stream_opened() -> None:
@@ -132,13 +146,13 @@ def first_token(route: str, seconds: float) -> None:
 
 def reply_tokens(model: str, count: int) -> None:
     if count:
-        _tokens.labels(model).inc(count)
+        _tokens.labels(full_model_name(model)).inc(count)
 
 
 def model_speed(model: str, eval_count: object, eval_duration: object) -> None:
     """Ollama's own figures from a done line: tokens, and nanoseconds spent making them."""
     if isinstance(eval_count, int) and isinstance(eval_duration, int) and eval_duration > 0:
-        _speed.labels(model).observe(eval_count / (eval_duration / 1e9))
+        _speed.labels(full_model_name(model)).observe(eval_count / (eval_duration / 1e9))
 
 
 def ollama_up(server: str, up: bool) -> None:

@@ -7,13 +7,18 @@ their settings from the app's Config, which the lifespan puts on `app.state`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
 import time
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import Any
+from urllib.parse import parse_qs
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,7 +27,11 @@ import metrics
 
 access_log = logging.getLogger("chatterd.access")
 
-OPEN_PATHS = ("/health",)  # answered without an API key, for load balancers and monitors
+# Answered without an API key: for load balancers and monitors, and the playground's page
+# (which asks for a key itself).
+OPEN_PATHS = ("/health", "/health/", "/playground", "/playground/")
+RESUME_PATHS = ("/llmchat", "/llmchat/", "/llmtools", "/llmtools/")
+METRICS_PATHS = ("/metrics", "/metrics/")
 NEEDS_KEY = "an API key is required: send the header Authorization: Bearer <key>"
 
 
@@ -46,20 +55,57 @@ class Authenticate:
             return
         config = scope["app"].state.config
         state = scope.setdefault("state", {})
-        if scope["path"] == "/metrics" and config.metrics_key:
+        if scope["path"] in METRICS_PATHS and config.metrics_key:
             if _presented_key(scope, (config.metrics_key,)) is None:
                 await _refuse(scope, receive, send)
                 return
             state["client"] = "metrics"
         elif config.api_keys:
             key = _presented_key(scope, config.api_keys)
-            if key is None and scope["path"] not in OPEN_PATHS:
+            if key is not None:
+                state["client"] = f"key #{key + 1}"
+            elif scope["path"] in OPEN_PATHS:
+                state["client"] = "anonymous"
+            elif _resume_with_token(scope, config):
+                state["client"] = "resume token"
+            else:
                 await _refuse(scope, receive, send)
                 return
-            state["client"] = f"key #{key + 1}" if key is not None else "anonymous"
         else:
             state["client"] = client_address(scope, config.trusted_proxies)
         await self.app(scope, receive, send)
+
+
+def resume_token(config: Any, app_id: str) -> str:
+    """A token that lets a browser's EventSource resume the appID's streams without a key.
+
+    EventSource cannot send an Authorization header, and a long-lived key must not go in a
+    URL; this one is bound to one appID and expires after CHATTERD_RESUME_TOKEN_SECONDS.
+    Every host with the same keys accepts it.
+    """
+    expires = int(time.time() + config.resume_token_seconds)
+    return f"{expires}.{_token_mac(config, app_id, expires)}"
+
+
+def _resume_with_token(scope: Scope, config: Any) -> bool:
+    """A GET of a resume route whose `token` is valid for its `appID`."""
+    if scope["method"] not in ("GET", "HEAD") or scope["path"] not in RESUME_PATHS:
+        return False
+    query = parse_qs(scope["query_string"].decode("latin-1"))
+    token, app_id = query.get("token", [""])[0], query.get("appID", [""])[0]
+    expires, _, mac = token.partition(".")
+    if not expires.isdigit() or int(expires) < time.time():
+        return False
+    return hmac.compare_digest(mac, _token_mac(config, app_id, int(expires)))
+
+
+def _token_mac(config: Any, app_id: str, expires: int) -> str:
+    secret = hashlib.sha256(
+        b"chatterd resume tokens\0" + "\0".join(sorted(config.api_keys)).encode()
+    ).digest()
+    message = f"{app_id}\0{expires}".encode()
+    digest = hmac.new(secret, message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:18]).decode()
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,6 +147,35 @@ def _within(address: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bo
     except ValueError:
         return False
     return any(parsed in network for network in networks)
+
+
+class CrossOrigin:
+    """CORS, for web pages on other origins: Starlette's own CORSMiddleware, set up from
+    CHATTERD_CORS_ORIGINS once the lifespan has read the configuration; off when unset.
+
+    Preflights are answered for every route (before the API-key check: a browser sends
+    them without credentials); origins not listed get no CORS headers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cors: CORSMiddleware | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origins = scope["app"].state.config.cors_origins if scope["type"] == "http" else ()
+        if not origins:
+            await self.app(scope, receive, send)
+            return
+        if self._cors is None:
+            self._cors = CORSMiddleware(
+                self.app,
+                allow_origins=list(origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["Retry-After", "Chatterd-Resume-Token", "WWW-Authenticate"],
+                max_age=600,
+            )
+        await self._cors(scope, receive, send)
 
 
 class CloseUnreadBody:
@@ -183,7 +258,7 @@ class AccessLog:
                 fields["content"] = state["content"]
             json_lines = scope["app"].state.config.log_format == "json"
             access_log.info(_as_json(fields) if json_lines else _as_text(fields))
-            metrics.request(route_template(scope), status)
+            metrics.request(route_template(scope), scope["method"], status)
 
 
 def route_template(scope: Scope) -> str:
@@ -191,7 +266,8 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     if route is None:  # refused before routing (401): find the route it was meant for
         route = next((r for r in scope["app"].routes if r.matches(scope)[0] != Match.NONE), None)
-    return getattr(route, "path", None) or "unmatched"
+    template = getattr(route, "path_format", None)  # without converters: {appID}
+    return (template.rstrip("/") or "/") if template else "unmatched"
 
 
 def _as_json(fields: dict[str, object]) -> str:

@@ -125,7 +125,7 @@ async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Respo
     try:
         response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
-        raise unreachable(str(client.base_url), exc) from exc
+        raise unreachable(str(client.base_url.copy_with(userinfo=b"")), exc) from exc
     if response.status_code < 400:
         return response
     try:
@@ -135,7 +135,9 @@ async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Respo
     finally:
         await response.aclose()
     status = response.status_code
-    raise OllamaError(status, error_text(error_body, status), retry_elsewhere=status >= 500)
+    # Ollama's own failures are a bad gateway to chatterd's clients; 503 (busy) stays 503.
+    answer = 502 if status >= 500 and status != 503 else status
+    raise OllamaError(answer, error_text(error_body, status), retry_elsewhere=status >= 500)
 
 
 class Opened:
@@ -256,4 +258,4 @@ def empty_line(model: str, *, done: bool = False, **fields: Any) -> bytes:
         "done": done,
         **fields,
     }
-    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(line, separators=(",", ":")).encode()

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -38,12 +39,24 @@ class Server:
     error: str | None = None  # why it is down
     _refreshed: float = field(default=float("-inf"), repr=False)
 
+    @property
+    def name(self) -> str:
+        """The URL without its credentials, if it has any: for /health, logs and metrics."""
+        parts = urlsplit(self.url)
+        if parts.username is None and parts.password is None:
+            return self.url
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
     def has(self, model: str) -> bool:
         return self.models is None or model in self.models
 
     def status(self) -> dict[str, Any]:
         return {
-            "url": self.url,
+            "url": self.name,
             "up": self.up,
             "version": self.version,
             "models": None if self.models is None else sorted(self.models),
@@ -98,9 +111,9 @@ class Servers:
 
     def mark_down(self, server: Server, reason: str) -> None:
         if server.up:
-            log.warning("Ollama at %s is down: %s", server.url, reason)
+            log.warning("Ollama at %s is down: %s", server.name, reason)
         server.up, server.error = False, reason
-        metrics.ollama_up(server.url, False)
+        metrics.ollama_up(server.name, False)
         self.on_change()
 
     async def check(self, server: Server) -> None:
@@ -118,7 +131,7 @@ class Servers:
                 self.mark_down(server, type(exc).__name__)
         except ValueError as exc:
             self._answered(server, None, frozenset(), None)
-            log.warning("Ollama at %s answered oddly: %s", server.url, exc)
+            log.warning("Ollama at %s answered oddly: %s", server.name, exc)
         else:
             self._answered(server, models, loaded, version)
 
@@ -131,10 +144,10 @@ class Servers:
     ) -> None:
         came_back = not server.up
         server.up, server.error = True, None
-        metrics.ollama_up(server.url, True)
+        metrics.ollama_up(server.name, True)
         server.models, server.loaded, server.version = models, loaded, version
         if came_back:
-            log.info("Ollama at %s is up again", server.url)
+            log.info("Ollama at %s is up again", server.name)
             self.on_change()
 
     async def check_all(self) -> None:

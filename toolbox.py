@@ -60,10 +60,14 @@ async def get_weather(env: ToolEnv, latitude: float, longitude: float) -> str:
     return f"Weather at lat: {latitude}, lon: {longitude} is {temperature}ºF"
 
 
+LATITUDES = (-90.0, 90.0)
+LONGITUDES = (-180.0, 180.0)
+
+
 def check_coordinates(latitude: float, longitude: float) -> None:
-    if not -90 <= latitude <= 90:
+    if not LATITUDES[0] <= latitude <= LATITUDES[1]:
         raise ToolError(f"latitude must be between -90 and 90, not {latitude}")
-    if not -180 <= longitude <= 180:
+    if not LONGITUDES[0] <= longitude <= LONGITUDES[1]:
         raise ToolError(f"longitude must be between -180 and 180, not {longitude}")
 
 

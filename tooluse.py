@@ -66,6 +66,8 @@ class ToolUse:
         New calls run concurrently; a call already answered in this turn gets that answer.
         """
         answered = [call for call in calls if not self.is_device_call(call)]
+        for _ in range(len(calls) - len(answered)):
+            metrics.tool_call("device", "forwarded")  # the app runs them
         keys = [_key(call) for call in answered]
         fresh = {}
         for call, key in zip(answered, keys, strict=True):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -100,6 +100,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def inherited_environment() -> dict[str, str]:
+    """This process's environment, for a chatterd, without the metrics directory that
+    importing chatterd's modules here has set: each chatterd keeps its metrics apart."""
+    return {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+
+
 class Chatterd:
     """chatterd served by granian in a subprocess, as `granian --interface asgi main:server`."""
 
@@ -130,7 +136,7 @@ class Chatterd:
             self.process = subprocess.Popen(  # in a session of its own, so `kill` gets all
                 command,
                 cwd=ROOT,
-                env={**os.environ, **env},
+                env={**inherited_environment(), **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -170,9 +176,9 @@ class Chatterd:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
-def start_chatterd(tmp_path_factory: pytest.TempPathFactory):
-    """Start a chatterd with the given environment; it is stopped at the end of the run."""
+@contextlib.contextmanager
+def chatterd_starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Chatterd]]:
+    """Start chatterds with the given environment; they are stopped when the block ends."""
     started: list[Chatterd] = []
 
     def start(
@@ -185,9 +191,25 @@ def start_chatterd(tmp_path_factory: pytest.TempPathFactory):
             server.wait_ready()
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def start_chatterd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Chatterd]]:
+    """Start a chatterd for this test; it is stopped at the test's end."""
+    with chatterd_starter(tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_chatterd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Chatterd]]:
+    """Start a chatterd for this module's tests; it is stopped at the module's end."""
+    with chatterd_starter(tmp_path_factory) as start:
+        yield start
 
 
 def chatterd_env(database_url: str, ollama_url: str, meteo_url: str) -> dict[str, str]:
@@ -200,8 +222,10 @@ def chatterd_env(database_url: str, ollama_url: str, meteo_url: str) -> dict[str
 
 
 @pytest.fixture(scope="session")
-def chatterd(start_chatterd, database_url, ollama_standin, meteo_standin) -> Chatterd:
-    return start_chatterd(chatterd_env(database_url, ollama_standin.url, meteo_standin.url))
+def chatterd(tmp_path_factory, database_url, ollama_standin, meteo_standin) -> Iterator[Chatterd]:
+    """The chatterd most tests share, with the default settings."""
+    with chatterd_starter(tmp_path_factory) as start:
+        yield start(chatterd_env(database_url, ollama_standin.url, meteo_standin.url))
 
 
 @pytest.fixture

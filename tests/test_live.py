@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not LIVE_OLLAMA, reason="set CHATTERD_LIVE_OLLAM
 
 
 @pytest.fixture(scope="module")
-def live(start_chatterd, database_url, meteo_standin):
-    server = start_chatterd(chatterd_env(database_url, LIVE_OLLAMA, meteo_standin.url))
+def live(module_chatterd, database_url, meteo_standin):
+    server = module_chatterd(chatterd_env(database_url, LIVE_OLLAMA, meteo_standin.url))
     with httpx.Client(base_url=server.url, timeout=1200) as client:
         yield client
 

@@ -320,11 +320,11 @@ def test_weather_from_query_parameters(client, meteo):
 
 def test_weather_rejects_bad_coordinates(client, meteo):
     for params, says in [
-        ({"lon": "1"}, "lat: required"),
+        ({"lon": "1"}, "lat: required, a number from -90 to 90"),
         ({"lat": "north", "lon": "1"}, "lat: must be a number"),
-        ({"lat": "91", "lon": "1"}, "latitude must be between -90 and 90"),
-        ({"lat": "1", "lon": "-181"}, "longitude must be between -180 and 180"),
-        ({"lat": "nan", "lon": "1"}, "lat: must be a finite number"),
+        ({"lat": "91", "lon": "1"}, "lat: must be a number from -90 to 90"),
+        ({"lat": "1", "lon": "-181"}, "lon: must be a number from -180 to 180"),
+        ({"lat": "nan", "lon": "1"}, "lat: must be a number from -90 to 90"),
     ]:
         response = client.get("/weather", params=params)
         assert response.status_code == 422, params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -16,7 +17,15 @@ import pytest
 
 from conftest import chatterd_env
 from sse import chat_body, parse_events, post, stored
-from standins import Received, Stream, chat_line, done_line, remembering_brain, text_stream
+from standins import (
+    Received,
+    Stream,
+    chat_line,
+    done_line,
+    remembering_brain,
+    text_stream,
+    tool_call,
+)
 
 CHATTERD = str(Path(sys.executable).parent / "chatterd")
 
@@ -51,50 +60,71 @@ def test_too_many_messages_are_refused(client, ollama, app_id):
     assert ollama.chats() == []
 
 
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        (
-            {"appID": "a\x00b", "model": "m", "messages": [{"role": "user", "content": "x"}]},
-            "appID",
-        ),
-        (
-            {
-                "appID": "a",
-                "model": "m",
-                "messages": [{"role": "tool", "content": "x", "tool_name": "t\x00"}],
-            },
-            "messages[0].tool_name",
-        ),
-        (
-            {"appID": "a", "model": "m", "messages": [{"role": "user", "content": "\ud800"}]},
-            "messages[0].content",
-        ),
-        (
-            {
-                "appID": "a",
-                "model": "m",
-                "messages": [{"role": "user", "content": "x"}],
-                "tools": [{"type": "function", "function": {"name": "f", "description": "\x00"}}],
-            },
-            "tools[0]",
-        ),
-        (
-            {
-                "appID": "a",
-                "model": "m",
-                "messages": [{"role": "user", "content": "x"}],
-                "options": {"stop": ["\x00"]},
-            },
-            "options",
-        ),
-    ],
-    ids=["appID", "tool_name", "lone surrogate", "tool declaration", "options"],
-)
-def test_text_postgresql_cannot_store_gets_422(client, ollama, body, field):
-    answer = post(client, "/llmtools", body)
+@pytest.mark.parametrize("app_id", ["a\x00b", "tab\there", "line\nfeed", "\ud800", "a/b", "   "])
+def test_an_app_id_with_control_characters_slashes_or_only_spaces_gets_422(client, app_id):
+    answer = post(client, "/llmchat", chat_body(app_id, "hi"))
     assert answer.status == 422
-    assert answer.body["error"].startswith(field)
+    assert answer.body["error"].startswith("appID: must be a string of 1 to 155 characters")
+
+
+def test_text_postgresql_cannot_hold_is_stored_as_a_replacement_character(
+    client, ollama, db, app_id
+):
+    tool = {"type": "function", "function": {"name": "f", "description": "\x00"}}
+    body = {
+        **chat_body(app_id, model="gemma3:270m"),
+        "messages": [
+            {"role": "user", "content": "a\x00b \ud800"},
+            {"role": "tool", "content": "x", "tool_name": "t\x00"},
+        ],
+        "tools": [tool],
+        "options": {"stop": ["\x00"]},  # goes to Ollama as it is; it is not stored
+    }
+    answer = post(client, "/llmtools", body)
+
+    assert answer.status == 200
+    assert ollama.chats()[-1]["options"] == {"stop": ["\x00"]}
+    assert stored(db, app_id)[:2] == [("user", "a\ufffdb \ufffd"), ("tool", "x")]
+    assert db.execute(
+        "SELECT toolname FROM chatts WHERE appid = %s AND username = 'tool'", (app_id,)
+    ).fetchone() == ("t\ufffd",)
+    [declared] = db.execute(
+        "SELECT declaration FROM device_tools WHERE appid = %s", (app_id,)
+    ).fetchone()
+    assert declared["function"]["description"] == "\ufffd"
+
+
+def test_a_reply_holding_nul_is_relayed_verbatim_and_the_turn_is_stored(
+    client, ollama, db, app_id
+):
+    model = "qwen3:0.6b"
+    call = tool_call("get_location", {"name": "a\x00b"})
+    lines = [
+        chat_line(model, "Hi\x00 there", thinking="hmm\x00"),
+        chat_line(model, "", tool_calls=[call]),
+        done_line(model),
+    ]
+    ollama.script = lambda received: Stream(list(lines))
+    location = {"type": "function", "function": {"name": "get_location", "parameters": None}}
+
+    answer = post(client, "/llmtools", chat_body(app_id, "hello", model=model, tools=[location]))
+
+    assert answer.status == 200 and answer.named("error") == []
+    sent = [json.dumps(line, separators=(",", ":")) for line in lines]
+    assert [event.data for event in answer.events] == sent  # each line as Ollama wrote it
+    assert "\\u0000" in answer.events[0].data
+    assert stored(db, app_id) == [("user", "hello"), ("assistant", "Hi\ufffd there")]
+    [(thinking, calls)] = db.execute(
+        "SELECT thinking, toolcalls FROM chatts WHERE appid = %s AND username = 'assistant'",
+        (app_id,),
+    ).fetchall()
+    assert thinking == "hmm\ufffd"
+    assert json.loads(calls) == [call]  # JSON text keeps the NUL as an escape, exactly
+
+    ollama.script = None
+    post(client, "/llmtools", chat_body(app_id, "at home", model=model, role="tool"))
+    history = ollama.chats()[-1]["messages"]
+    assert history[1] == {"role": "assistant", "content": "Hi\ufffd there", "tool_calls": [call]}
 
 
 def test_invalid_utf8_gets_400(client):

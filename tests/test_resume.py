@@ -40,9 +40,9 @@ def read_then_drop(client: httpx.Client, body: dict, events_wanted: int) -> list
 
 
 @pytest.fixture(scope="module")
-def second_server(start_chatterd, database_url, ollama_standin, meteo_standin):
+def second_server(module_chatterd, database_url, ollama_standin, meteo_standin):
     """Another chatterd on the same database: another worker, deterministically."""
-    return start_chatterd(chatterd_env(database_url, ollama_standin.url, meteo_standin.url))
+    return module_chatterd(chatterd_env(database_url, ollama_standin.url, meteo_standin.url))
 
 
 def test_every_event_carries_an_id_increasing_within_the_app(client, app_id):
@@ -131,8 +131,9 @@ def test_an_error_event_is_replayed_too(client, ollama, app_id):
 @pytest.mark.parametrize(
     ("params", "headers", "status", "error"),
     [
-        ({}, {}, 422, "appID: must be a non-empty string"),
-        ({"appID": "x" * 156}, {}, 422, "appID: must be a non-empty string"),
+        ({}, {}, 422, "appID: must be a string of 1 to 155 characters"),
+        ({"appID": "x" * 156}, {}, 422, "appID: must be a string of 1 to 155 characters"),
+        ({"appID": "never.seen"}, {"Last-Event-ID": ""}, 422, "Last-Event-ID: must be"),
         ({"appID": "never.seen"}, {}, 404, "there is no reply to resume"),
         ({"appID": "never.seen"}, {"Last-Event-ID": "abc"}, 422, "Last-Event-ID: must be"),
         ({"appID": "never.seen"}, {"Last-Event-ID": "9" * 40}, 422, "Last-Event-ID: must be"),

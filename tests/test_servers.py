@@ -50,14 +50,14 @@ def servers(north, south) -> Iterator[tuple[OllamaStandIn, OllamaStandIn]]:
 
 
 @pytest.fixture(scope="module")
-def fleet(start_chatterd, database_url, north, south_port, meteo_standin):
+def fleet(module_chatterd, database_url, north, south_port, meteo_standin):
     env = {
         **chatterd_env(database_url, north.url, meteo_standin.url),
         "OLLAMA_BASE_URL": f"{north.url},http://127.0.0.1:{south_port}/api",
         "CHATTERD_OLLAMA_PARALLEL": "1",
         "CHATTERD_OLLAMA_CHECK_SECONDS": "0.2",
     }
-    return start_chatterd(env)
+    return module_chatterd(env)
 
 
 def new_app() -> str:
