@@ -28,6 +28,8 @@ from ollama import OllamaError, Opened
 from servers import NoServer, Server, Servers
 
 INITIAL_GENERATION_SECONDS = 10.0  # the guess for Retry-After before any generation ended
+NOTICE_SECONDS = 1.0  # how often a request further back is told its place, at most
+TOLD_AT_ONCE = 3  # places near the front that are told at once
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ class _Ticket:
     exclude: frozenset[Server]
     on_position: OnPosition | None
     granted: asyncio.Future[Server] = field(default_factory=asyncio.Future)
-    position: int = 0
+    position: int = 0  # its place now
+    told: int = 0  # the place it was last told
+    told_at: float = float("-inf")
 
 
 class Admission:
@@ -67,6 +71,7 @@ class Admission:
         self._lines: dict[str, deque[_Ticket]] = {}  # clients with waiting tickets, in turn order
         self._waiting = 0
         self._generation_seconds = INITIAL_GENERATION_SECONDS  # a moving average
+        self._retell: asyncio.TimerHandle | None = None  # to tell places held back
         servers.on_change = self._dispatch
 
     @property
@@ -94,7 +99,7 @@ class Admission:
         failure: OllamaError | None = None  # the last server's, when it failed
         while True:
             try:
-                server = await self._acquire(
+                server = await self.acquire(
                     client, model, on_position, frozenset(tried), continuing or bool(tried)
                 )
             except NoServer:
@@ -114,14 +119,16 @@ class Admission:
                 continue
             return Generation(self, server, opened)
 
-    async def _acquire(
+    async def acquire(
         self,
         client: str,
         model: str,
-        on_position: OnPosition | None,
-        exclude: frozenset[Server],
-        first_of_client: bool,
+        on_position: OnPosition | None = None,
+        exclude: frozenset[Server] = frozenset(),
+        first_of_client: bool = False,
     ) -> Server:
+        """A slot on a server that may run `model`, at once or after waiting in line; give
+        it back with `release`. Raises Shed or NoServer."""
         try:
             ranked = self.servers.ranked(model, exclude)
         except NoServer as exc:
@@ -208,6 +215,10 @@ class Admission:
             granted = False
             for client, line in list(self._lines.items()):
                 for ticket in line:
+                    if ticket.granted.done():  # cancelled: its task has yet to take it out
+                        self._remove(ticket)
+                        granted = True
+                        break
                     try:
                         server = self._free(self.servers.ranked(ticket.model, ticket.exclude))
                     except NoServer as exc:  # its servers went away while it waited
@@ -218,8 +229,8 @@ class Admission:
                     if server is None:
                         continue
                     self._remove(ticket)
-                    self._grant(server)
                     ticket.granted.set_result(server)
+                    self._grant(server)
                     if client in self._lines:  # it had its turn: to the back of the line
                         self._lines[client] = self._lines.pop(client)
                     granted = True
@@ -232,10 +243,17 @@ class Admission:
         """Give each waiting ticket its place, in the order turns would serve them.
 
         Tickets count only against those that wait for the same servers, so that a
-        request for a model on a free server is not told it waits behind another's.
+        request for a model on a free server is not told it waits behind another's. A
+        ticket is told at once when it is near the front, else at most once every
+        NOTICE_SECONDS (a long line would otherwise hear of every grant).
         """
+        if self._retell is not None:
+            self._retell.cancel()
+            self._retell = None
         if not self._waiting:
             return
+        now = asyncio.get_running_loop().time()
+        late = False
         counts: dict[frozenset[str], int] = {}
         lines = list(self._lines.values())
         depth = 0
@@ -244,16 +262,22 @@ class Admission:
                 ticket = line[depth]
                 try:
                     ranked = self.servers.ranked(ticket.model, ticket.exclude)
-                    group = frozenset(server.url for server in ranked)
                 except NoServer:
                     continue
-                counts[group] = position = counts.get(group, 0) + 1
-                if position != ticket.position:
-                    ticket.position = position
-                    if ticket.on_position is not None:
-                        ticket.on_position(position)
+                group = frozenset(server.url for server in ranked)
+                counts[group] = ticket.position = counts.get(group, 0) + 1
+                if ticket.position == ticket.told or ticket.on_position is None:
+                    continue
+                if ticket.position <= TOLD_AT_ONCE or now - ticket.told_at >= NOTICE_SECONDS:
+                    ticket.told, ticket.told_at = ticket.position, now
+                    ticket.on_position(ticket.position)
+                else:
+                    late = True
             depth += 1
             lines = [line for line in lines if len(line) > depth]
+        if late and self._retell is None:
+            loop = asyncio.get_running_loop()
+            self._retell = loop.call_later(NOTICE_SECONDS, self._tell_positions)
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: the waiting share of each slot's time."""

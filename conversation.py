@@ -73,6 +73,7 @@ class ChatRequest:
 # An SSE event: its id (None before the turn has one), its name (None: a plain data event)
 # and its data, one line of JSON.
 Event = tuple[int | None, str | None, bytes]
+PING = "ping"  # in an Outbox's queue: the response should send a keep-alive comment
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Outbox:
     """
 
     def __init__(self, app_id: str, event_log: EventLog) -> None:
-        self._queue: asyncio.Queue[Refusal | Event | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Refusal | Event | str | None] = asyncio.Queue()
         self._app_id = app_id
         self._log = event_log
         self._next_id: int | None = None
@@ -203,17 +204,25 @@ class Outbox:
     async def first(self) -> Refusal | Event | None:
         return await self._queue.get()
 
+    def ping(self) -> None:
+        """Ask the response for a keep-alive comment: it comes as an empty batch."""
+        self._queue.put_nowait(PING)
+
     async def rest(self) -> AsyncIterator[list[Event]]:
-        """The remaining events, in batches: all that are waiting, each time it wakes."""
+        """The remaining events, in batches: all that are waiting, each time it wakes.
+        An empty batch is a ping."""
         while True:
             item = await self._queue.get()
             batch: list[Event] = []
-            while isinstance(item, tuple):  # a Refusal can only come first
-                batch.append(item)
+            pinged = item is PING
+            while isinstance(item, tuple) or item is PING:  # a Refusal can only come first
+                if item is not PING:
+                    batch.append(item)
                 if self._queue.empty():
                     break
                 item = self._queue.get_nowait()
-            if batch:
+                pinged = pinged or item is PING
+            if batch or pinged:
                 yield batch
             if item is None:
                 return
@@ -345,6 +354,7 @@ class Chat:
                 request.messages,
                 request.declared_tools,
                 window=self.limits.history_messages,
+                with_tools=request.with_tools,
             )
             stored = turn.stored
             await self._converse(request, turn, outbox, control)

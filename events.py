@@ -8,9 +8,7 @@ its streams, so the relay never waits on the database. The same statement tells 
 worker which appIDs have new events (bus.py). A reply's last row is an END marker, written
 before its turn lets go of the lease: a reply with no END whose lease is gone was cut off.
 
-A client that lost its stream follows the log (`follow`), from any worker: it reads when it
-is told of new events, never by polling, and each worker checks once a second, in one
-query for all its followers, whether the replies they follow still run.
+A client that lost its stream follows the log from any worker (resume.py).
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +31,7 @@ log = logging.getLogger("chatterd")
 IDS_PER_REPLY = 1_000_000
 END = "end"  # the event name of a reply's END marker: never sent to a client
 FLUSH_SECONDS = 0.01  # how far the log may lag behind the live stream
-LIVENESS_SECONDS = 1.0  # how often a worker checks that the replies its followers follow run
 MAX_BUFFERED = 100_000  # events kept for a later write while the database is away
-CUT_OFF = b'{"error":"the reply was cut off before it ended (chatterd stopped); it was not stored"}'
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,6 @@ class EventLog:
         self._buffer: list[tuple[str, int, str | None, bytes]] = []
         self._buffered = asyncio.Event()
         self._writing = asyncio.Lock()
-        self._followed: dict[tuple[str, int], set[asyncio.Event]] = {}
 
     def append(self, app_id: str, event_id: int, event: str | None, data: bytes) -> None:
         self._buffer.append((app_id, event_id, event, data))
@@ -118,14 +111,29 @@ class EventLog:
         except psycopg.Error as exc:
             log.warning("could not drop expired stream events: %s", reason(exc))
 
-    async def read(self, app_id: str, reply: int, after: int) -> list[LoggedEvent]:
-        """The reply's logged events after the id `after`, END marker included."""
+    async def read(
+        self, app_id: str, reply: int, after: int, upto: int | None = None
+    ) -> list[LoggedEvent]:
+        """The reply's logged events after the id `after` (up to `upto`), END included."""
+        end = first_id(reply + 1) - 1 if upto is None else upto
         rows = await self._query(
             "SELECT id, event, data FROM stream_events"
-            " WHERE appid = %s AND id > %s AND id < %s ORDER BY id",
-            (app_id, after, first_id(reply + 1)),
+            " WHERE appid = %s AND id > %s AND id <= %s ORDER BY id",
+            (app_id, after, end),
         )
         return [LoggedEvent(*row) for row in rows]
+
+    async def not_running(self, replies: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Those of the (appID, reply) pairs whose turn no longer runs; one query for all."""
+        rows = await self._query(
+            "SELECT f.appid, f.reply"
+            " FROM unnest(%s::text[], %s::bigint[]) AS f(appid, reply)"
+            " WHERE NOT EXISTS (SELECT 1 FROM conversation_leases AS lease"
+            " WHERE lease.appid = f.appid AND lease.replies = f.reply"
+            " AND chatterd_lease_held(lease.appid))",
+            ([app_id for app_id, _ in replies], [reply for _, reply in replies]),
+        )
+        return [(app_id, reply) for app_id, reply in rows]
 
     async def last_id(self, app_id: str, reply: int) -> int | None:
         """The id of the reply's last logged event (or END marker); None when none is kept."""
@@ -161,69 +169,3 @@ class EventLog:
                 return await (await conn.execute(query, params)).fetchall()
         except psycopg.Error as exc:
             raise StoreError(f"the database could not read the stream: {reason(exc)}") from exc
-
-    async def follow(
-        self, app_id: str, reply: int, after: int, read: list[LoggedEvent] | None = None
-    ) -> AsyncIterator[list[LoggedEvent]]:
-        """The reply's events after `after`, in batches as they are logged, until its end.
-
-        `read` is what the caller has already read after `after`, if anything. A reply
-        that was cut off (its turn's lease is gone and it has no END) ends with an error
-        event, whose id is one past the last: a client that reconnects with it has seen
-        everything.
-        """
-        with self._bus.watch("events", app_id) as woken, self._following(app_id, reply, woken):
-            events = read
-            while True:
-                if events is None:
-                    woken.clear()  # before reading: a message that comes meanwhile wakes us
-                    events = await self.read(app_id, reply, after)
-                if not events:
-                    if await self.live(app_id, reply):
-                        await woken.wait()
-                        events = None
-                        continue
-                    events = await self.read(app_id, reply, after)  # it may have just ended
-                    if not events:
-                        yield [LoggedEvent(after + 1, "error", CUT_OFF)]
-                        return
-                sendable = [event for event in events if event.event != END]
-                if sendable:
-                    yield sendable
-                if len(sendable) < len(events):
-                    return
-                after, events = events[-1].id, None
-
-    @contextmanager
-    def _following(self, app_id: str, reply: int, woken: asyncio.Event) -> Iterator[None]:
-        followers = self._followed.setdefault((app_id, reply), set())
-        followers.add(woken)
-        try:
-            yield
-        finally:
-            followers.discard(woken)
-            if not followers:
-                del self._followed[(app_id, reply)]
-
-    async def watch_liveness(self) -> None:
-        """Once a second, wake the followers of replies whose turn no longer runs (its host
-        died, say), so that they end; one query for all of this worker's followers."""
-        while True:
-            await asyncio.sleep(LIVENESS_SECONDS)
-            if not self._followed:
-                continue
-            followed = list(self._followed)
-            try:
-                rows = await self._query(
-                    "SELECT f.appid, f.reply"
-                    " FROM unnest(%s::text[], %s::bigint[]) AS f(appid, reply)"
-                    " WHERE NOT EXISTS (SELECT 1 FROM conversation_leases AS lease"
-                    " WHERE lease.appid = f.appid AND lease.replies = f.reply"
-                    " AND chatterd_lease_held(lease.appid))",
-                    ([app_id for app_id, _ in followed], [reply for _, reply in followed]),
-                )
-            except StoreError:
-                continue
-            for app_id, reply in rows:
-                for woken in self._followed.get((app_id, reply), ()):
-                    woken.set()

@@ -39,10 +39,12 @@ from checks import (
 )
 from conversation import Chat, ChatRequest, Refusal, error_kind
 from events import EventLog
+from eventstream import PING, EventStream, frame
 from history import StoreError
 from leases import ConversationBusy
 from middleware import resume_token
 from ollama import OllamaError
+from resume import Followers
 from servers import NoServer, Servers
 
 STOP_WAIT_SECONDS = 5.0  # how long POST .../stop waits for the stopped turn to be stored
@@ -230,14 +232,14 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
         if first is None:
             return
         with streaming():
-            yield sse(*first)
+            yield frame(*first)
             async for batch in outbox.rest():  # one write for all the events that are waiting
-                yield b"".join([sse(*event) for event in batch])
+                yield b"".join([frame(*event) for event in batch]) if batch else PING
 
     headers = {}
     if config.api_keys:  # lets a browser's EventSource resume this appID without a key
         headers["Chatterd-Resume-Token"] = resume_token(config, chat_request.app_id)
-    return EventSourceResponse(stream(), sep="\n", ping=15, headers=headers)
+    return EventStream(stream(), outbox.ping, headers)
 
 
 @contextmanager
@@ -253,14 +255,6 @@ def streaming() -> Iterator[None]:
         metrics.stream_closed()
 
 
-def sse(event_id: int | None, event: str | None, data: bytes) -> bytes:
-    """One SSE event. `data` is one line of JSON: Ollama's NDJSON never holds a raw newline."""
-    head = b"" if event_id is None else b"id: %d\n" % event_id
-    if event is not None:
-        head += b"event: " + event.encode() + b"\n"
-    return head + b"data: " + data + b"\n\n"
-
-
 # GET /llmchat and GET /llmtools: resume a reply's stream
 
 
@@ -273,6 +267,7 @@ async def resume(request: Request) -> Response:
     app_id = APP_ID.check("appID", request.query_params.get("appID"))
     request.state.app_id = app_id
     event_log: EventLog = request.app.state.chat.event_log
+    followers: Followers = request.app.state.followers
     last = parse_last_event_id(
         request.headers.get("last-event-id"), request.query_params.get("lastEventId")
     )
@@ -301,10 +296,10 @@ async def resume(request: Request) -> Response:
     async def replay() -> AsyncIterator[bytes]:
         with streaming():
             try:
-                async for batch in event_log.follow(app_id, reply, after, missed):
-                    yield b"".join([sse(e.id, e.event, e.data) for e in batch])
+                async for batch in followers.follow(app_id, reply, after, missed):
+                    yield b"".join([frame(e.id, e.event, e.data) for e in batch])
             except StoreError as exc:
-                yield sse(None, "error", json.dumps({"error": str(exc)}).encode())
+                yield frame(None, "error", json.dumps({"error": str(exc)}).encode())
 
     metrics.resumed()
 

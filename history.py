@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import sql
@@ -113,28 +115,59 @@ def _call_names(message: Message) -> list[str]:
 
 
 class History:
+    """The store's statements. Each is one round trip where it can be: a turn costs a
+    statement to read the history and store the request (two on /llmtools, which also
+    reads the device tools), one per tool round, and one to complete it."""
+
     def __init__(self, pool: AsyncConnectionPool, role_column: str) -> None:
         self.pool = pool
         role = sql.Identifier(role_column)
-        # The newest messages, and the system messages before them (those always count).
-        self._select_window = sql.SQL(
-            "WITH recent AS ("
+        # Clear a dead turn's pending rows, and read the newest messages, the system
+        # messages before them (those always count) and how many messages are stored.
+        # (The DELETE and the SELECT see the same snapshot; pending rows are never read.)
+        self._read_window = sql.SQL(
+            "WITH cleared AS (DELETE FROM chatts WHERE appid = %(app)s::text AND pending),"
+            " recent AS ("
             " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
-            " WHERE appid = %(app)s AND NOT pending ORDER BY seq DESC LIMIT %(window)s)"
-            " SELECT role, message, toolcalls, toolname FROM ("
-            " SELECT * FROM recent UNION ALL"
-            " SELECT seq, {role}, message, toolcalls, toolname FROM chatts"
-            " WHERE appid = %(app)s AND NOT pending AND {role} = 'system'"
-            " AND seq < (SELECT min(seq) FROM recent)) AS window_rows ORDER BY seq"
+            " WHERE appid = %(app)s::text AND NOT pending ORDER BY seq DESC LIMIT %(window)s),"
+            " earlier AS ("
+            " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
+            " WHERE appid = %(app)s::text AND NOT pending AND {role} = 'system'"
+            " AND seq < (SELECT min(seq) FROM recent))"
+            " SELECT role, message, toolcalls, toolname,"
+            " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text)"
+            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier) AS rows ORDER BY seq"
         ).format(role=role)
         self._select_page = sql.SQL(
             "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
             " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
         ).format(role=role)
-        self._insert = sql.SQL(
-            "INSERT INTO chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)"
-            " VALUES (%s, %s, %s, %s, %s, %s, true) RETURNING seq"
-        ).format(role=role)
+        rows = (
+            " SELECT %(app)s::text, * FROM unnest("
+            "%(roles)s::text[], %(contents)s::text[], %(thinking)s::text[],"
+            " %(calls)s::text[], %(names)s::text[], %(pending)s::boolean[])"
+        )
+        columns = sql.SQL("chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)")
+        self._insert = sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq").format(
+            columns=columns.format(role=role)
+        )
+        # A turn's last rows, the earlier ones made part of the conversation, and the
+        # count of stored messages: one statement, so all or nothing.
+        self._complete = sql.SQL(
+            "WITH added AS (INSERT INTO {columns}" + rows + " RETURNING seq),"
+            " made AS (UPDATE chatts SET pending = false"
+            " WHERE appid = %(app)s::text AND seq = ANY(%(turn)s) RETURNING seq)"
+            " INSERT INTO conversation_sizes AS size (appid, messages)"
+            " SELECT %(app)s::text, (SELECT count(*) FROM added) + (SELECT count(*) FROM made)"
+            " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages"
+        ).format(columns=columns.format(role=role))
+        self._count = sql.SQL(
+            "INSERT INTO conversation_sizes AS size (appid, messages)"
+            " SELECT %(app)s::text, count(*) FROM chatts"
+            " WHERE appid = %(app)s::text AND NOT pending"
+            " ON CONFLICT (appid) DO UPDATE SET messages = EXCLUDED.messages"
+            " RETURNING messages"
+        )
 
     async def record(
         self,
@@ -142,30 +175,28 @@ class History:
         incoming: list[Message],
         device_tools: list[dict[str, Any]] | None,
         window: int,
+        *,
+        with_tools: bool,
     ) -> Turn:
         """Store a request's messages (and device tools) and read back the conversation.
 
-        Reads the newest `window` stored messages and every system message before them.
-        The caller holds the conversation's lease, so pending rows are a dead turn's.
+        Reads the newest `window` stored messages and every system message before them,
+        and, on /llmtools, the app's device tools. The caller holds the conversation's
+        lease, so pending rows are a dead turn's. The request's rows are stored pending:
+        if a later statement fails, the next turn clears them.
         """
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                await conn.execute("DELETE FROM chatts WHERE appid = %s AND pending", (app_id,))
-                cursor = await conn.execute(
-                    "SELECT count(*) FROM chatts WHERE appid = %s AND NOT pending", (app_id,)
-                )
-                total = (await cursor.fetchone() or (0,))[0]
-                cursor = await conn.execute(self._select_window, {"app": app_id, "window": window})
-                history = [_message(row) for row in await cursor.fetchall()]
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
+                rows = await cursor.fetchall()
+                total = rows[0][4] if rows else None
+                if total is None:  # not counted yet: a tutorial's conversation, say
+                    cursor = await conn.execute(self._count, {"app": app_id})
+                    total = (await cursor.fetchone() or (0,))[0]
+                history = [_message(row) for row in rows]
                 incoming = settle_tool_calls(history, incoming)
                 stored = await self._insert_rows(conn, app_id, [(m, None) for m in incoming])
-                if device_tools:
-                    await self._save_device_tools(conn, app_id, device_tools)
-                cursor = await conn.execute(
-                    "SELECT declaration FROM device_tools WHERE appid = %s ORDER BY name",
-                    (app_id,),
-                )
-                tools = [row[0] for row in await cursor.fetchall()]
+                tools = await self._device_tools(conn, app_id, device_tools) if with_tools else []
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the request: {reason(exc)}") from exc
         return Turn([*history, *incoming], len(incoming), total - len(history), tools, stored)
@@ -173,7 +204,7 @@ class History:
     async def append(self, app_id: str, messages: list[tuple[Message, str | None]]) -> list[int]:
         """Store a turn's messages, each with the model's thinking (or None); return their seqs."""
         try:
-            async with self.pool.connection() as conn, conn.transaction():
+            async with self.pool.connection() as conn:
                 return await self._insert_rows(conn, app_id, messages)
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
@@ -183,11 +214,10 @@ class History:
     ) -> None:
         """Store a turn's last messages and make the whole turn part of the conversation."""
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                turn = turn + await self._insert_rows(conn, app_id, messages)
+            async with self.pool.connection() as conn:
                 await conn.execute(
-                    "UPDATE chatts SET pending = false WHERE appid = %s AND seq = ANY(%s)",
-                    (app_id, turn),
+                    self._complete,
+                    {"app": app_id, "turn": turn, **_columns(messages, pending=False)},
                 )
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
@@ -243,7 +273,7 @@ class History:
         """Delete the conversation, the app's device tools and its kept stream events."""
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                for table in ("chatts", "device_tools", "stream_events"):
+                for table in ("chatts", "device_tools", "stream_events", "conversation_sizes"):
                     await conn.execute(
                         sql.SQL("DELETE FROM {} WHERE appid = %s").format(sql.Identifier(table)),
                         (app_id,),
@@ -257,40 +287,64 @@ class History:
         app_id: str,
         messages: list[tuple[Message, str | None]],
     ) -> list[int]:
-        seqs = []
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                self._insert,
-                [
-                    (
-                        app_id,
-                        message.role,
-                        storable(message.content),
-                        storable(thinking) or None,
-                        json.dumps(message.tool_calls) if message.tool_calls else None,
-                        storable(message.tool_name),
-                    )
-                    for message, thinking in messages
-                ],
-                returning=True,
-            )
-            while True:
-                row = await cursor.fetchone()
-                if row is not None:
-                    seqs.append(row[0])
-                if not cursor.nextset():
-                    break
-        return seqs
+        """Store messages as pending rows, in one statement; return their seqs, in order."""
+        if not messages:
+            return []
+        cursor = await conn.execute(
+            self._insert, {"app": app_id, **_columns(messages, pending=True)}
+        )
+        return sorted(row[0] for row in await cursor.fetchall())  # seqs grow row by row
 
-    async def _save_device_tools(
-        self, conn: psycopg.AsyncConnection[Any], app_id: str, tools: list[dict[str, Any]]
-    ) -> None:
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                "INSERT INTO device_tools (appid, name, declaration) VALUES (%s, %s, %s)"
-                " ON CONFLICT (appid, name) DO UPDATE SET declaration = EXCLUDED.declaration",
-                [(app_id, tool["function"]["name"], Jsonb(storable_json(tool))) for tool in tools],
+    async def _device_tools(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        app_id: str,
+        declared: list[dict[str, Any]] | None,
+    ) -> list[dict[str, Any]]:
+        """Store the tools this request declares (the latest of a name wins); return all the
+        app's, by name."""
+        if declared:
+            cursor = await conn.execute(
+                "WITH saved AS ("
+                " INSERT INTO device_tools (appid, name, declaration)"
+                " SELECT %(app)s::text, * FROM unnest(%(names)s::text[], %(tools)s::jsonb[])"
+                " ON CONFLICT (appid, name) DO UPDATE SET declaration = EXCLUDED.declaration"
+                " RETURNING name, declaration)"
+                " SELECT declaration FROM ("
+                " SELECT name, declaration FROM saved UNION ALL"
+                " SELECT name, declaration FROM device_tools"
+                " WHERE appid = %(app)s::text AND name <> ALL(%(names)s)) AS tools ORDER BY name",
+                {
+                    "app": app_id,
+                    "names": [tool["function"]["name"] for tool in latest(declared)],
+                    "tools": [Jsonb(storable_json(tool)) for tool in latest(declared)],
+                },
             )
+        else:
+            cursor = await conn.execute(
+                "SELECT declaration FROM device_tools WHERE appid = %s ORDER BY name", (app_id,)
+            )
+        return [row[0] for row in await cursor.fetchall()]
+
+
+def latest(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One declaration per name: the last one given."""
+    return list({tool["function"]["name"]: tool for tool in tools}.values())
+
+
+def _columns(messages: list[tuple[Message, str | None]], *, pending: bool) -> dict[str, Any]:
+    """Messages as the column arrays the insert statements unnest."""
+    return {
+        "roles": [message.role for message, _ in messages],
+        "contents": [storable(message.content) for message, _ in messages],
+        "thinking": [storable(thinking) or None for _, thinking in messages],
+        "calls": [
+            json.dumps(message.tool_calls) if message.tool_calls else None
+            for message, _ in messages
+        ],
+        "names": [storable(message.tool_name) for message, _ in messages],
+        "pending": [pending] * len(messages),
+    }
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone UTF-16 surrogates
@@ -337,6 +391,27 @@ def _tool_calls(stored: str | None) -> list[dict[str, Any]] | None:
     except ValueError:
         return None
     return calls if isinstance(calls, list) and calls else None
+
+
+class RecentCheck:
+    """The pool's check when it hands out a connection: a round trip of its own, so made
+    only for a connection that has not been used for CHECK_AFTER_SECONDS. `forget` makes
+    every connection be checked again, as after the database was away."""
+
+    def __init__(self) -> None:
+        self._used: WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = WeakKeyDictionary()
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        now = time.monotonic()
+        last, self._used[conn] = self._used.get(conn), now
+        if last is None or now - last >= CHECK_AFTER_SECONDS:
+            await AsyncConnectionPool.check_connection(conn)
+
+    def forget(self) -> None:
+        self._used.clear()
+
+
+CHECK_AFTER_SECONDS = 2.0
 
 
 # A database host that vanishes (no FIN, no RST) is noticed by TCP keepalives in about three

@@ -103,11 +103,24 @@ def error_text(body: bytes, status: int) -> str:
     return f"Ollama answered HTTP {status} without an error message"
 
 
+def failure_name(exc: httpx.HTTPError) -> str:
+    """What went wrong, by name: the transport's own exception when it has one (aiohttp's
+    transport maps a refused connection to httpx's ConnectTimeout, say)."""
+    return type(exc.__cause__ or exc).__name__
+
+
+def timed_out(exc: httpx.HTTPError) -> bool:
+    cause = exc.__cause__
+    if isinstance(cause, OSError | TimeoutError):  # from the aiohttp transport
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException)
+
+
 def unreachable(base_url: str, exc: httpx.HTTPError) -> OllamaError:
-    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "is unreachable"
+    kind = "timed out" if timed_out(exc) else "is unreachable"
     return OllamaError(
         502,
-        f"Ollama at {base_url} {kind}: {type(exc).__name__}",
+        f"Ollama at {base_url} {kind}: {failure_name(exc)}",
         retry_elsewhere=True,
         unreachable=True,
     )
@@ -156,7 +169,7 @@ class Opened:
                 yield chunk
         except httpx.HTTPError as exc:
             raise OllamaError(
-                502, f"the connection to Ollama broke mid-stream: {type(exc).__name__}"
+                502, f"the connection to Ollama broke mid-stream: {failure_name(exc)}"
             ) from exc
 
     async def lines(self) -> AsyncIterator[bytes]:
@@ -196,7 +209,7 @@ async def open_stream(client: httpx.AsyncClient, path: str, body: bytes) -> Open
         await response.aclose()
         raise OllamaError(
             502,
-            f"the connection to Ollama broke before its first line: {type(exc).__name__}",
+            f"the connection to Ollama broke before its first line: {failure_name(exc)}",
             retry_elsewhere=True,
         ) from exc
     except BaseException:  # cancelled: a stop, or shutdown

@@ -54,6 +54,28 @@ $$;
 CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
 -- Finds a dead turn's rows without reading the whole conversation.
 CREATE INDEX IF NOT EXISTS chatts_pending ON chatts (appid) WHERE pending;
+-- Finds a conversation's system messages (always sent) without reading all its rows; on
+-- whichever role column the table has.
+DO $$
+DECLARE
+    role_column text := (
+        SELECT column_name FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'chatts'
+          AND column_name IN ('username', 'name')
+        ORDER BY column_name DESC LIMIT 1);
+BEGIN
+    EXECUTE format(
+        'CREATE INDEX IF NOT EXISTS chatts_system ON chatts (appid, seq) WHERE %I = %L',
+        role_column, 'system');
+END
+$$;
+
+-- How many messages each conversation has stored, kept as turns complete, so that telling
+-- how much of a long history was left out does not count its rows every time.
+CREATE TABLE IF NOT EXISTS conversation_sizes (
+    appid    varchar(155) PRIMARY KEY,
+    messages bigint NOT NULL
+);
 
 -- The tools each app has declared on /llmtools, one row per name: the latest wins.
 CREATE TABLE IF NOT EXISTS device_tools (

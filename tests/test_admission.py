@@ -7,6 +7,7 @@ line (two waiting per client, three in all), and three API keys: three clients.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from admission import Admission, Limits
 from conftest import chatterd_env
+from servers import Server, Servers
 from sse import Streaming, chat_body, post, stored, wait_until
 from standins import Received, Stream, chat_line, done_line, text_stream
 
@@ -257,3 +260,58 @@ def test_behind_a_trusted_proxy_each_forwarded_address_is_a_client(
     for stream in (x1, x2, x3, y1):
         stream.finish()
     assert [last_content(r) for r in ollama.generations()] == ["x1", "x2", "y1", "x3"]
+
+
+# The line itself, without HTTP: a real Admission over a server that is never called.
+
+
+def line_of(parallel: int):
+    servers = Servers([Server("http://ollama.invalid", http=None)], check_seconds=60)
+    return servers.all[0], Admission(servers, Limits(parallel, queue_max=100, queue_per_client=100))
+
+
+def test_turns_stopped_as_a_slot_frees_lose_no_slot():
+    """A stopped turn's ticket may still be in line when the next grant comes: it is passed
+    over, and the slot goes to the next one (it used to be counted and lost)."""
+
+    async def scenario() -> None:
+        server, admission = line_of(1)
+        await admission.acquire("a", MODEL)
+        waiting = [asyncio.ensure_future(admission.acquire(f"c{i}", MODEL)) for i in range(4)]
+        last = asyncio.ensure_future(admission.acquire("z", MODEL))
+        await asyncio.sleep(0)  # all of them in line
+        assert admission.waiting == 5
+        for task in waiting:
+            task.cancel()  # stopped, all at once...
+        admission.release(server, 1.0)  # ...as the running one ends, before they unwind
+        assert await last is server
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert server.in_flight == 1 and admission.waiting == 0
+        admission.release(server, 1.0)
+        assert server.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_long_line_is_told_its_places_at_most_once_a_second_except_near_the_front():
+    async def scenario() -> None:
+        server, admission = line_of(1)
+        await admission.acquire("first", MODEL)
+        told: dict[int, list[int]] = {i: [] for i in range(8)}
+        tasks = [
+            asyncio.ensure_future(admission.acquire(f"c{i}", MODEL, told[i].append))
+            for i in range(8)
+        ]
+        await asyncio.sleep(0)
+        for _ in range(3):  # three grants in quick succession
+            admission.release(server, 0.1)
+            await asyncio.sleep(0)
+        assert told[0] == [1] and told[1] == [2, 1] and told[3] == [4, 3, 2, 1]
+        assert told[7] == [8]  # far back: the moves of the last second are held back...
+        await asyncio.sleep(1.1)
+        assert told[7] == [8, 5]  # ...and told once the second is over
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())

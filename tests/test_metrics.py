@@ -162,16 +162,12 @@ def held_prompt(gate: threading.Event) -> Stream:
 
 def metrics_dir(server: Chatterd) -> Path:
     """Where the workers of a chatterd started by plain granian keep their figures: a
-    directory named after their parent, granian (metrics.py). (The tests start every
-    chatterd without PROMETHEUS_MULTIPROC_DIR, see conftest.inherited_environment.)"""
+    directory named after their parent, granian, by its pid and start time (metrics.py).
+    (The tests start every chatterd without PROMETHEUS_MULTIPROC_DIR, see
+    conftest.inherited_environment.)"""
     pid = server.process.pid
-    tmp = Path(tempfile.gettempdir())
-    (found,) = [
-        p
-        for p in (tmp / f"chatterd-metrics-{pid}", *tmp.glob(f"chatterd-metrics-{pid}-*"))
-        if p.is_dir()
-    ]
-    return found
+    started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return Path(tempfile.gettempdir()) / f"chatterd-metrics-{pid}-{started}"
 
 
 def per_worker(server: Chatterd, name: str, **labels: str) -> dict[int, float]:

@@ -1,0 +1,102 @@
+"""Server-Sent Events: the wire format, and the response that streams a new reply's events.
+
+The response writes to ASGI itself, one send per batch of events. sse-starlette's
+response puts a cancel scope and a queue hand-off around every send, which cost more CPU
+than the rest of the relay on the hot path; it still serves resumed streams
+(handlers.resume), where a few events a second are no burden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+PING_SECONDS = 15.0  # a comment this often keeps proxies from closing a quiet stream
+PING = b": ping\n\n"
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # nginx: pass each event on at once
+]
+
+
+def frame(event_id: int | None, event: str | None, data: bytes) -> bytes:
+    """One SSE event. `data` is one line of JSON: Ollama's NDJSON never holds a raw newline."""
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+class EventStream(Response):
+    """A text/event-stream of the byte strings `chunks` yields, each sent as it comes.
+
+    `tick` is called every PING_SECONDS while the stream is open, so that the producer
+    can slip a PING between its events. A client that goes away ends the stream (and
+    closes `chunks`): granian does not fail a send to a closed connection, so the
+    response listens for the disconnect itself.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        tick: Callable[[], None],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.tick = tick
+        self.status_code = 200
+        self.raw_headers = HEADERS + [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in (headers or {}).items()
+        ]
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        this = asyncio.current_task()
+        assert this is not None
+        left = False
+
+        def client_left(_: object) -> None:  # stop waiting for the next chunk, at once
+            nonlocal left
+            left = True
+            this.cancel()
+
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(client_left)
+        ticks = _Ticker(asyncio.get_running_loop(), self.tick)
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left or this.uncancel():  # cancelled from outside too
+                raise
+        finally:
+            ticks.cancel()
+            gone.remove_done_callback(client_left)
+            gone.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Ticker:
+    """Calls `tick` every PING_SECONDS until cancelled: one timer, whatever the traffic."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: Callable[[], None]) -> None:
+        self._loop, self._tick = loop, tick
+        self._handle = loop.call_later(PING_SECONDS, self._fire)
+
+    def _fire(self) -> None:
+        self._tick()
+        self._handle = self._loop.call_later(PING_SECONDS, self._fire)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
