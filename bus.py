@@ -124,18 +124,22 @@ class Bus:
                 woken.set()
 
 
-def messages(kind: str, keys: list[str], limit: int = 7900) -> list[str]:
+def messages(kind: str, keys: list[str], limit: int = 7999) -> list[str]:
     """`events` messages for these keys, each under PostgreSQL's 8000-byte payload limit."""
     found: list[str] = []
     batch: list[str] = []
-    size = 0
+    size = len(kind) + 3  # "<kind> []"
     for key in keys:
-        cost = len(json.dumps(key, ensure_ascii=False).encode()) + 1
+        cost = len(json.dumps(key, ensure_ascii=False).encode()) + 1  # and its comma
         if batch and size + cost > limit:
-            found.append(f"{kind} {json.dumps(batch, ensure_ascii=False)}")
-            batch, size = [], 0
+            found.append(_message(kind, batch))
+            batch, size = [], len(kind) + 3
         batch.append(key)
         size += cost
     if batch:
-        found.append(f"{kind} {json.dumps(batch, ensure_ascii=False)}")
+        found.append(_message(kind, batch))
     return found
+
+
+def _message(kind: str, keys: list[str]) -> str:
+    return f"{kind} {json.dumps(keys, ensure_ascii=False, separators=(',', ':'))}"

@@ -32,6 +32,7 @@ IDS_PER_REPLY = 1_000_000
 END = "end"  # the event name of a reply's END marker: never sent to a client
 FLUSH_SECONDS = 0.01  # how far the log may lag behind the live stream
 MAX_BUFFERED = 100_000  # events kept for a later write while the database is away
+RETRY_SECONDS = 0.5  # after a failed write
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class EventLog:
         self._buffer: list[tuple[str, int, str | None, bytes]] = []
         self._buffered = asyncio.Event()
         self._writing = asyncio.Lock()
+        self._retry_at = 0.0  # after a failed write, not before this
 
     def append(self, app_id: str, event_id: int, event: str | None, data: bytes) -> None:
         self._buffer.append((app_id, event_id, event, data))
@@ -71,7 +73,8 @@ class EventLog:
                 async with asyncio.timeout(max(0.0, next_expiry - loop.time())):
                     await self._buffered.wait()
             if self._buffered.is_set():
-                await asyncio.sleep(FLUSH_SECONDS)  # what comes meanwhile goes in this write
+                # What comes meanwhile goes in this write; after a failure, wait a little.
+                await asyncio.sleep(max(FLUSH_SECONDS, self._retry_at - loop.time()))
                 await self.flush()
             if loop.time() >= next_expiry:
                 await self._expire()
@@ -96,10 +99,13 @@ class EventLog:
                         " SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message",
                         (app_ids, ids, names, datas, self._bus.channel, told),
                     )
-            except psycopg.Error as exc:
+            except psycopg.OperationalError as exc:  # the database is away: try again later
                 log.warning("could not write %d stream events: %s", len(batch), reason(exc))
                 self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
+                self._retry_at = asyncio.get_running_loop().time() + RETRY_SECONDS
                 self._buffered.set()
+            except psycopg.Error as exc:  # these events can't be written: don't try forever
+                log.error("dropped %d stream events: %s", len(batch), reason(exc))
 
     async def _expire(self) -> None:
         try:

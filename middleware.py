@@ -171,7 +171,13 @@ class CrossOrigin:
                 self.app,
                 allow_origins=list(origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "Last-Event-ID",
+                    "Cache-Control",  # SSE client libraries send it
+                    "X-Requested-With",
+                ],
                 expose_headers=["Retry-After", "Chatterd-Resume-Token", "WWW-Authenticate"],
                 max_age=600,
             )

@@ -94,9 +94,7 @@ def test_text_postgresql_cannot_hold_is_stored_as_a_replacement_character(
     assert declared["function"]["description"] == "\ufffd"
 
 
-def test_a_reply_holding_nul_is_relayed_verbatim_and_the_turn_is_stored(
-    client, ollama, db, app_id
-):
+def test_a_reply_holding_nul_is_relayed_verbatim_and_the_turn_is_stored(client, ollama, db, app_id):
     model = "qwen3:0.6b"
     call = tool_call("get_location", {"name": "a\x00b"})
     lines = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 
@@ -15,6 +16,13 @@ from standins import Received, Stream, chat_line, done_line, temperature_at, tex
 MODEL = "qwen3:0.6b"
 HERE = {"latitude": 42.28, "longitude": -83.74}
 WORDS = [f"w{i} " for i in range(10)]
+
+
+@pytest.fixture
+def client(chatterd) -> Iterator[httpx.Client]:
+    """A read timeout under the 15 s keep-alive ping: a resume that hangs fails instead."""
+    with httpx.Client(base_url=chatterd.url, timeout=httpx.Timeout(30, read=5)) as client:
+        yield client
 
 
 @pytest.fixture
