@@ -1,23 +1,22 @@
 """The chat pipeline shared by /llmchat and /llmtools.
 
-A request flows one way: its messages are stored and the newest history read back; the
-history goes to Ollama; each line Ollama streams is relayed to the client as it arrives;
-the reply is stored; tool calls, on /llmtools, are run (resident tools) or forwarded to
-the app (device tools), and the model is asked again, up to a bound on rounds.
+A request flows one way: it waits for its appID's lease (one turn at a time per
+conversation, leases.py); its messages are stored and the newest history read back; the
+history, within the context budget (budget.py), goes to Ollama through the admission
+queue (admission.py), which also picks the server; each line Ollama streams is relayed to
+the client as it arrives; the reply is stored. On /llmtools the model's tool calls are
+answered (tooluse.py) or forwarded to the app, and the model is asked again.
 
-The pipeline runs as a task of its own that writes events to an Outbox, which the HTTP
-response reads. A client that goes away therefore stops nothing: the reply is still
-completed and stored, so the next request sees a whole history.
-
-Every event the pipeline sends is also appended to the event log (events.py) under an id,
-so a client that lost its stream can resume it. Only the newest part of a long history
-goes to the model, within the context budget (budget.py); the client is told when
-messages were left out, by chatterd or by Ollama.
+The pipeline runs as a task of its own that writes events to an Outbox (outbox.py), which
+the HTTP response reads and the event log keeps. A client that goes away therefore stops
+nothing: the reply is still completed and stored, so the next request sees a whole
+history. What stops a turn is its stop button (TurnControl), pressed by
+POST /conversations/{appID}/stop on whichever worker the turn runs.
 
 A turn is all or nothing: when it fails (Ollama refuses or breaks off, a line is not JSON,
-the database refuses the reply, the round limit is reached), the rows it wrote are
-removed again, so the stored conversation is as it was before the request. Turns of one
-appID run one at a time, across all workers, under a lease kept in the database.
+the database refuses the reply or its lease is lost), the rows it wrote are removed
+again, so the stored conversation is as it was before the request. A stopped turn keeps
+what was said.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,10 +36,11 @@ import toolbox
 from admission import Admission, Shed
 from budget import Budget
 from bus import Bus
-from events import END, EventLog, first_id
+from events import EventLog
 from history import History, StoreError, Turn
 from leases import ConversationBusy, Leases
 from ollama import Message, OllamaError, Reply, empty_line, function_name
+from outbox import Event, Outbox
 from servers import NoServer
 from tooluse import ToolUse
 
@@ -68,21 +68,6 @@ class ChatRequest:
     @property
     def route(self) -> str:
         return "/llmtools" if self.with_tools else "/llmchat"
-
-
-# An SSE event: its id (None before the turn has one), its name (None: a plain data event)
-# and its data, one line of JSON.
-Event = tuple[int | None, str | None, bytes]
-PING = "ping"  # in an Outbox's queue: the response should send a keep-alive comment
-
-
-@dataclass
-class Refusal:
-    """A failure before any event was sent: the client gets this status and JSON error."""
-
-    status: int
-    error: str
-    retry_after: int | None = None  # seconds, for a Retry-After header
 
 
 class StreamError(Exception):
@@ -149,83 +134,6 @@ class TurnControl:
             self.check()
             raise Stopped
         return task.result()
-
-
-class Outbox:
-    """The events of one response: written by the pipeline, read by the HTTP response.
-
-    Once the turn has its reply number (`begin`), each event also goes to the event log.
-    """
-
-    def __init__(self, app_id: str, event_log: EventLog) -> None:
-        self._queue: asyncio.Queue[Refusal | Event | str | None] = asyncio.Queue()
-        self._app_id = app_id
-        self._log = event_log
-        self._next_id: int | None = None
-        self.started = False
-        self.failed = False
-
-    # The pipeline's side.
-    def begin(self, reply: int) -> None:
-        self._next_id = first_id(reply)
-
-    def send(self, event: str | None, data: bytes) -> None:
-        self.started = True
-        self._queue.put_nowait((self._log_event(event, data), event, data))
-
-    def fail(self, status: int, error: str, retry_after: int | None = None) -> None:
-        """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
-        if self.failed:
-            return
-        self.failed = True
-        data = json.dumps({"error": error}, ensure_ascii=False).encode()
-        if self.started:
-            self.send("error", data)
-        else:
-            self._log_event("error", data)  # a resumed stream hears of it too
-            self._queue.put_nowait(Refusal(status, error, retry_after))
-
-    def end(self) -> None:
-        """Mark the end of the reply in the log; later events go to this response only."""
-        self._log_event(END, b"")
-        self._next_id = None
-
-    def close(self) -> None:
-        self._queue.put_nowait(None)
-
-    def _log_event(self, event: str | None, data: bytes) -> int | None:
-        event_id = self._next_id
-        if event_id is not None:
-            self._next_id = event_id + 1
-            self._log.append(self._app_id, event_id, event, data)
-        return event_id
-
-    # The response's side.
-    async def first(self) -> Refusal | Event | None:
-        return await self._queue.get()
-
-    def ping(self) -> None:
-        """Ask the response for a keep-alive comment: it comes as an empty batch."""
-        self._queue.put_nowait(PING)
-
-    async def rest(self) -> AsyncIterator[list[Event]]:
-        """The remaining events, in batches: all that are waiting, each time it wakes.
-        An empty batch is a ping."""
-        while True:
-            item = await self._queue.get()
-            batch: list[Event] = []
-            pinged = item is PING
-            while isinstance(item, tuple) or item is PING:  # a Refusal can only come first
-                if item is not PING:
-                    batch.append(item)
-                if self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-                pinged = pinged or item is PING
-            if batch or pinged:
-                yield batch
-            if item is None:
-                return
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-PING_SECONDS = 15.0  # a comment this often keeps proxies from closing a quiet stream
-PING = b": ping\n\n"
+PING = b": ping\n\n"  # a comment, every CHATTERD_PING_SECONDS of a quiet stream
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -34,20 +33,22 @@ def frame(event_id: int | None, event: str | None, data: bytes) -> bytes:
 class EventStream(Response):
     """A text/event-stream of the byte strings `chunks` yields, each sent as it comes.
 
-    `tick` is called every PING_SECONDS while the stream is open, so that the producer
-    can slip a PING between its events. A client that goes away ends the stream (and
-    closes `chunks`): granian does not fail a send to a closed connection, so the
-    response listens for the disconnect itself.
+    `tick` is called every `ping_seconds` while the stream is open, so that the producer
+    can slip a PING between its events (proxies close streams that stay quiet). A client
+    that goes away ends the stream (and closes `chunks`): granian does not fail a send to
+    a closed connection, so the response listens for the disconnect itself.
     """
 
     def __init__(
         self,
         chunks: AsyncIterator[bytes],
         tick: Callable[[], None],
+        ping_seconds: float,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.chunks = chunks
         self.tick = tick
+        self.ping_seconds = ping_seconds
         self.status_code = 200
         self.raw_headers = HEADERS + [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -68,7 +69,7 @@ class EventStream(Response):
 
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(client_left)
-        ticks = _Ticker(asyncio.get_running_loop(), self.tick)
+        ticks = _Ticker(asyncio.get_running_loop(), self.tick, self.ping_seconds)
         try:
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -88,15 +89,17 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class _Ticker:
-    """Calls `tick` every PING_SECONDS until cancelled: one timer, whatever the traffic."""
+    """Calls `tick` every `seconds` until cancelled: one timer, whatever the traffic."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: Callable[[], None]) -> None:
-        self._loop, self._tick = loop, tick
-        self._handle = loop.call_later(PING_SECONDS, self._fire)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, tick: Callable[[], None], seconds: float
+    ) -> None:
+        self._loop, self._tick, self._seconds = loop, tick, seconds
+        self._handle = loop.call_later(seconds, self._fire)
 
     def _fire(self) -> None:
         self._tick()
-        self._handle = self._loop.call_later(PING_SECONDS, self._fire)
+        self._handle = self._loop.call_later(self._seconds, self._fire)
 
     def cancel(self) -> None:
         self._handle.cancel()

@@ -37,13 +37,14 @@ from checks import (
     parse_last_event_id,
     parse_object,
 )
-from conversation import Chat, ChatRequest, Refusal, error_kind
+from conversation import Chat, ChatRequest, error_kind
 from events import EventLog
 from eventstream import PING, EventStream, frame
 from history import StoreError
 from leases import ConversationBusy
 from middleware import resume_token
 from ollama import OllamaError
+from outbox import QUIET, Refusal
 from resume import Followers
 from servers import NoServer, Servers
 
@@ -224,7 +225,7 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
         request.state.content = [message.content for message in chat_request.messages]
     chat: Chat = request.app.state.chat
     outbox = chat.start(chat_request)
-    first = await outbox.first()
+    first = await outbox.first(within=config.ping_seconds)
     if isinstance(first, Refusal):
         return refusal(first.status, first.error, first.retry_after)
 
@@ -232,14 +233,14 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
         if first is None:
             return
         with streaming():
-            yield frame(*first)
+            yield PING if first == QUIET else frame(*first)
             async for batch in outbox.rest():  # one write for all the events that are waiting
                 yield b"".join([frame(*event) for event in batch]) if batch else PING
 
     headers = {}
     if config.api_keys:  # lets a browser's EventSource resume this appID without a key
         headers["Chatterd-Resume-Token"] = resume_token(config, chat_request.app_id)
-    return EventStream(stream(), outbox.ping, headers)
+    return EventStream(stream(), outbox.ping, config.ping_seconds, headers)
 
 
 @contextmanager
@@ -303,7 +304,8 @@ async def resume(request: Request) -> Response:
 
     metrics.resumed()
 
-    return EventSourceResponse(replay(), sep="\n", ping=15)
+    ping = request.app.state.config.ping_seconds
+    return EventSourceResponse(replay(), sep="\n", ping=ping)
 
 
 # GET and DELETE /conversations/{appID}

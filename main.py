@@ -79,6 +79,7 @@ class Config:
     history_max_tokens: int | None
     context_window: int
     events_keep: float
+    ping_seconds: float
     shutdown_grace: float
     api_keys: tuple[str, ...]
     metrics_key: str | None
@@ -153,6 +154,7 @@ class Config:
             history_max_tokens=number("CHATTERD_HISTORY_MAX_TOKENS", None, int),
             context_window=number("CHATTERD_CONTEXT_WINDOW", 4096, int),
             events_keep=number("CHATTERD_EVENTS_KEEP", 3600.0),
+            ping_seconds=number("CHATTERD_PING_SECONDS", 15.0),
             shutdown_grace=number("CHATTERD_SHUTDOWN_GRACE", 30.0),
             api_keys=tuple(listed("CHATTERD_API_KEYS")),
             metrics_key=env.get("CHATTERD_METRICS_KEY", "").strip() or None,

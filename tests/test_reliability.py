@@ -19,6 +19,7 @@ from conftest import chatterd_env
 from sse import chat_body, parse_events, post, stored
 from standins import (
     Received,
+    Reply,
     Stream,
     chat_line,
     done_line,
@@ -201,6 +202,33 @@ def test_ollama_silent_before_its_headers_is_waited_for(client, ollama, db, app_
     answer = post(client, "/llmchat", chat_body(app_id, "wake up"))
     assert answer.text() == "loaded"
     assert stored(db, app_id)[-1] == ("assistant", "loaded")
+
+
+def test_a_stream_begins_with_pings_while_ollama_says_nothing(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    """A proxy closes a connection that stays quiet: after CHATTERD_PING_SECONDS of
+    silence the stream begins anyway, with keep-alive comments, and a refusal that comes
+    later is an error event."""
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_PING_SECONDS": "0.2",
+    }
+    server = start_chatterd(env)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        ollama.script = lambda received: text_stream("gemma3:270m", "loaded", headers_delay=1)
+        loading = client.post("/llmchat", json=chat_body(app_id, "wake up"))
+        refusing = Reply(400, {"error": "gemma3:270m does not support tools"}, headers_delay=1)
+        ollama.script = lambda received: refusing
+        refused = client.post("/llmchat", json=chat_body(app_id + ".2", "tools?"))
+
+    assert loading.status_code == 200 and loading.text.startswith(": ping\n\n")
+    assert "".join(e.json()["message"]["content"] for e in parse_events(loading.text)) == "loaded"
+    assert stored(db, app_id)[-1] == ("assistant", "loaded")
+    assert refused.status_code == 200 and refused.text.startswith(": ping\n\n")
+    [error] = parse_events(refused.text)
+    assert error.event == "error" and "does not support tools" in error.json()["error"]
+    assert stored(db, app_id + ".2") == []
 
 
 def test_ollama_silent_past_the_timeout_is_502(

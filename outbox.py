@@ -1,0 +1,118 @@
+"""The events of one reply: to the client that asked for it, and to the event log.
+
+The pipeline writes events as they come (`send`), or a failure (`fail`); the HTTP
+response reads them (`first`, then `rest`, in batches). Once the turn has its reply
+number (`begin`), every event also goes to the event log under its id, so that a client
+that lost its stream can resume it; the END marker closes the reply in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from events import END, EventLog, first_id
+
+# An SSE event: its id (None before the turn has one), its name (None: a plain data event)
+# and its data, one line of JSON.
+Event = tuple[int | None, str | None, bytes]
+PING = "ping"  # in an Outbox's queue: the response should send a keep-alive comment
+QUIET = "quiet"  # from Outbox.first: nothing yet, and the stream begins anyway
+
+
+@dataclass
+class Refusal:
+    """A failure before any event was sent: the client gets this status and JSON error."""
+
+    status: int
+    error: str
+    retry_after: int | None = None  # seconds, for a Retry-After header
+
+
+class Outbox:
+    """The events of one response: written by the pipeline, read by the HTTP response.
+
+    Once the turn has its reply number (`begin`), each event also goes to the event log.
+    """
+
+    def __init__(self, app_id: str, event_log: EventLog) -> None:
+        self._queue: asyncio.Queue[Refusal | Event | str | None] = asyncio.Queue()
+        self._app_id = app_id
+        self._log = event_log
+        self._next_id: int | None = None
+        self.started = False
+        self.failed = False
+
+    # The pipeline's side.
+    def begin(self, reply: int) -> None:
+        self._next_id = first_id(reply)
+
+    def send(self, event: str | None, data: bytes) -> None:
+        self.started = True
+        self._queue.put_nowait((self._log_event(event, data), event, data))
+
+    def fail(self, status: int, error: str, retry_after: int | None = None) -> None:
+        """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
+        if self.failed:
+            return
+        self.failed = True
+        data = json.dumps({"error": error}, ensure_ascii=False).encode()
+        if self.started:
+            self.send("error", data)
+        else:
+            self._log_event("error", data)  # a resumed stream hears of it too
+            self._queue.put_nowait(Refusal(status, error, retry_after))
+
+    def end(self) -> None:
+        """Mark the end of the reply in the log; later events go to this response only."""
+        self._log_event(END, b"")
+        self._next_id = None
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    def _log_event(self, event: str | None, data: bytes) -> int | None:
+        event_id = self._next_id
+        if event_id is not None:
+            self._next_id = event_id + 1
+            self._log.append(self._app_id, event_id, event, data)
+        return event_id
+
+    # The response's side.
+    async def first(self, within: float) -> Refusal | Event | str | None:
+        """The first event, or the refusal; QUIET when neither comes within `within` seconds
+        (Ollama loading a model sends nothing): the stream then begins with a ping, so that
+        proxies keep it open, and a failure from then on is an error event."""
+        try:
+            async with asyncio.timeout(within):
+                return await self._queue.get()
+        except TimeoutError:
+            if not self._queue.empty():
+                return self._queue.get_nowait()  # it came just as the wait ended
+            self.started = True
+            return QUIET
+
+    def ping(self) -> None:
+        """Ask the response for a keep-alive comment: it comes as an empty batch."""
+        self._queue.put_nowait(PING)
+
+    async def rest(self) -> AsyncIterator[list[Event]]:
+        """The remaining events, in batches: all that are waiting, each time it wakes.
+        An empty batch is a ping."""
+        while True:
+            item = await self._queue.get()
+            batch: list[Event] = []
+            pinged = item is PING
+            while isinstance(item, tuple) or item is PING:  # a Refusal can only come first
+                if item is not PING:
+                    batch.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+                pinged = pinged or item is PING
+            if batch or pinged:
+                yield batch
+            if item is None:
+                return
