@@ -25,6 +25,7 @@ from ollama import full_model_name
 log = logging.getLogger("chatterd")
 
 REFRESH_ON_MISS_SECONDS = 2.0  # how often an unknown model may trigger a fresh /api/tags
+CHECK_TIMEOUT_SECONDS = 5.0  # a server that takes longer to say what it has is down
 
 
 @dataclass(eq=False)
@@ -120,7 +121,7 @@ class Servers:
         """Ask one server what it has; mark it up or down by whether it answers."""
         server._refreshed = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(min(self.check_seconds, 5.0)):
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
                 models = await ollama.model_names(server.http, "/api/tags")
                 loaded = await ollama.model_names(server.http, "/api/ps")
                 version = await ollama.version(server.http)
