@@ -37,6 +37,7 @@ class Limits:
     parallel: int  # generations at once on each Ollama server
     queue_max: int  # requests waiting, in all
     queue_per_client: int  # requests waiting, of one client
+    notice_seconds: float = NOTICE_SECONDS  # how often a place further back is told
 
 
 class Shed(Exception):
@@ -109,11 +110,11 @@ class Admission:
             try:
                 opened = await ollama.open_stream(server.http, path, body)
             except BaseException as exc:
+                if isinstance(exc, OllamaError) and exc.unreachable:
+                    self.servers.mark_down(server, exc.error)  # before its slot is given on
                 self.release(server, None)
                 if not isinstance(exc, OllamaError) or not exc.retry_elsewhere:
                     raise
-                if exc.unreachable:
-                    self.servers.mark_down(server, exc.error)
                 tried.add(server)
                 failure = exc
                 continue
@@ -140,21 +141,8 @@ class Admission:
             self._grant(server)
             metrics.queue_wait(0.0)
             return server
-        line = self._lines.get(client)
-        if line is not None and len(line) >= self.limits.queue_per_client:
-            raise Shed(
-                429,
-                f"this client already has {len(line)} requests waiting"
-                f" (CHATTERD_QUEUE_PER_CLIENT); try again later",
-                self._retry_after(),
-            )
-        if self._waiting >= self.limits.queue_max:
-            raise Shed(
-                503,
-                f"chatterd's queue is full: {self._waiting} requests are waiting"
-                f" (CHATTERD_QUEUE_MAX); try again later",
-                self._retry_after(),
-            )
+        if not first_of_client:  # a later round of a turn already begun is never refused
+            self._refuse_if_full(client)
         ticket = _Ticket(client, model, exclude, on_position)
         line = self._lines.setdefault(client, deque())
         if first_of_client:
@@ -178,6 +166,23 @@ class Admission:
             raise
         metrics.queue_wait(loop.time() - since)
         return server
+
+    def _refuse_if_full(self, client: str) -> None:
+        line = self._lines.get(client)
+        if line is not None and len(line) >= self.limits.queue_per_client:
+            raise Shed(
+                429,
+                f"this client already has {len(line)} requests waiting"
+                f" (CHATTERD_QUEUE_PER_CLIENT); try again later",
+                self._retry_after(),
+            )
+        if self._waiting >= self.limits.queue_max:
+            raise Shed(
+                503,
+                f"chatterd's queue is full: {self._waiting} requests are waiting"
+                f" (CHATTERD_QUEUE_MAX); try again later",
+                self._retry_after(),
+            )
 
     def _free(self, ranked: list[Server]) -> Server | None:
         for server in ranked:
@@ -245,7 +250,7 @@ class Admission:
         Tickets count only against those that wait for the same servers, so that a
         request for a model on a free server is not told it waits behind another's. A
         ticket is told at once when it is near the front, else at most once every
-        NOTICE_SECONDS (a long line would otherwise hear of every grant).
+        `notice_seconds` (a long line would otherwise hear of every grant).
         """
         if self._retell is not None:
             self._retell.cancel()
@@ -268,7 +273,8 @@ class Admission:
                 counts[group] = ticket.position = counts.get(group, 0) + 1
                 if ticket.position == ticket.told or ticket.on_position is None:
                     continue
-                if ticket.position <= TOLD_AT_ONCE or now - ticket.told_at >= NOTICE_SECONDS:
+                due = now - ticket.told_at >= self.limits.notice_seconds
+                if ticket.position <= TOLD_AT_ONCE or due:
                     ticket.told, ticket.told_at = ticket.position, now
                     ticket.on_position(ticket.position)
                 else:
@@ -277,7 +283,7 @@ class Admission:
             lines = [line for line in lines if len(line) > depth]
         if late and self._retell is None:
             loop = asyncio.get_running_loop()
-            self._retell = loop.call_later(NOTICE_SECONDS, self._tell_positions)
+            self._retell = loop.call_later(self.limits.notice_seconds, self._tell_positions)
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: the waiting share of each slot's time."""

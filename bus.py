@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from history import StoreError, reason, with_keepalives
+from database import StoreError, reason, with_keepalives
 
 log = logging.getLogger("chatterd")
 
@@ -110,7 +110,13 @@ class Bus:
 
     def _dispatch(self, message: str) -> None:
         kind, _, payload = message.partition(" ")
-        keys = json.loads(payload) if kind == "events" else [payload]
+        try:
+            keys = json.loads(payload) if kind == "events" else [payload]
+        except ValueError:
+            keys = None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            log.warning("ignored a notification that is not chatterd's: %.80r", message)
+            return
         for key in keys:
             for woken in self._watchers.get((kind, key), ()):
                 woken.set()

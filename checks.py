@@ -140,6 +140,8 @@ def parse_json(body: bytes) -> Any:
         raise ClientError(400, "the body is not valid UTF-8") from None
     except ValueError as exc:
         raise ClientError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ClientError(400, "the body is not valid JSON: it is nested too deeply") from None
 
 
 def parse_object(body: Any) -> dict[str, Any]:

@@ -36,8 +36,9 @@ import toolbox
 from admission import Admission, Shed
 from budget import Budget
 from bus import Bus
+from database import StoreError
 from events import EventLog
-from history import History, StoreError, Turn
+from history import History, Turn
 from leases import ConversationBusy, Leases
 from ollama import Message, OllamaError, Reply, empty_line, function_name
 from outbox import Event, Outbox
@@ -92,6 +93,7 @@ class TurnControl:
     """
 
     def __init__(self) -> None:
+        self.reply = 0  # the turn's reply number, once it holds its lease
         self.pressed = False
         self.failure: Exception | None = None  # why the turn can't go on (its lease is lost)
         self.ended = asyncio.Event()
@@ -101,6 +103,11 @@ class TurnControl:
         self.pressed = True
         if self._current is not None:
             self._current.cancel()
+
+    def settle(self) -> None:
+        """What the turn awaits now can no longer be stopped (a round has its done line):
+        a press from now on lands at the next interruptible part."""
+        self._current = None
 
     def abort(self, failure: Exception) -> None:
         """End the turn with `failure` as soon as it can: nothing more may be stored."""
@@ -167,6 +174,7 @@ class Chat:
         self._bus = messages
         self._running: set[asyncio.Task[None]] = set()
         self._turns: dict[str, TurnControl] = {}  # this worker's turns that hold their lease
+        self._stops_early: set[str] = set()  # stops for turns still taking their lease
         messages.handle("stop", self._press)
 
     @property
@@ -207,9 +215,12 @@ class Chat:
         return True
 
     def _press(self, app_id: str) -> None:
-        """Another worker asks for a stop: press the button if the turn runs here."""
+        """A stop for the appID (from any worker): press the button if the turn runs here,
+        or as soon as it has its lease if it is taking it here now."""
         if control := self._turns.get(app_id):
             control.press()
+        elif self.leases.taking(app_id):
+            self._stops_early.add(app_id)
 
     async def finish(self, grace: float) -> None:
         """Let running pipelines finish for up to `grace` seconds, then cancel the rest."""
@@ -227,12 +238,16 @@ class Chat:
             async with self.leases.hold(
                 request.app_id, lambda: control.abort(StoreError(LEASE_LOST))
             ) as reply:
+                control.reply = reply
                 outbox.begin(reply)
                 self._turns[request.app_id] = control
+                if request.app_id in self._stops_early:  # pressed while it took the lease
+                    self._stops_early.discard(request.app_id)
+                    control.press()
                 try:
                     await self._turn(request, outbox, control)
                 except asyncio.CancelledError:
-                    outbox.fail(503, SHUTTING_DOWN)
+                    outbox.fail(503, SHUTTING_DOWN)  # before the END below: resumers hear it
                     raise
                 finally:
                     del self._turns[request.app_id]
@@ -314,6 +329,7 @@ class Chat:
                         notices,
                         outbox,
                         reply,
+                        control,
                         continuing=round_number > 0,
                     )
                 )
@@ -372,7 +388,7 @@ class Chat:
     ) -> None:
         """Store the turn's last rows and make the whole turn part of the conversation."""
         control.check()  # a turn that lost its lease must not store
-        await self.history.complete(request.app_id, rows, stored)
+        await self.history.complete(request.app_id, control.reply, rows, stored)
 
     def _end_stopped(self, request: ChatRequest, outbox: Outbox, state: str) -> None:
         metrics.stopped(state)
@@ -388,6 +404,7 @@ class Chat:
         notices: list[Event],
         outbox: Outbox,
         reply: Reply,
+        control: TurnControl,
         *,
         continuing: bool,
     ) -> list[Event]:
@@ -443,6 +460,7 @@ class Chat:
                         event, line = "tool_calls", _only_device_calls(chunk, line, tools)
                 if chunk.get("done") is True:
                     reply.done = True
+                    control.settle()  # the round is said: a stop now lands after it
                     metrics.model_speed(
                         request.model, chunk.get("eval_count"), chunk.get("eval_duration")
                     )

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 import bus
 from bus import Bus
-from history import StoreError, reason
+from database import StoreError, reason
 
 log = logging.getLogger("chatterd")
 
@@ -132,11 +132,16 @@ class EventLog:
     async def not_running(self, replies: list[tuple[str, int]]) -> list[tuple[str, int]]:
         """Those of the (appID, reply) pairs whose turn no longer runs; one query for all."""
         rows = await self._query(
-            "SELECT f.appid, f.reply"
+            # One look at the lock table for them all (chatterd_lease_held looks once each).
+            "WITH held AS MATERIALIZED ("
+            " SELECT (classid::bigint << 32) | objid::bigint AS key FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+            " SELECT f.appid, f.reply"
             " FROM unnest(%s::text[], %s::bigint[]) AS f(appid, reply)"
             " WHERE NOT EXISTS (SELECT 1 FROM conversation_leases AS lease"
             " WHERE lease.appid = f.appid AND lease.replies = f.reply"
-            " AND chatterd_lease_held(lease.appid))",
+            " AND chatterd_lease_key(lease.appid) IN (SELECT key FROM held))",
             ([app_id for app_id, _ in replies], [reply for _, reply in replies]),
         )
         return [(app_id, reply) for app_id, reply in rows]

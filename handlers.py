@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.convertors import Convertor
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 import events
 import metrics
 import toolbox
-from admission import Admission, Shed
+from admission import Admission, Generation, Shed
 from checks import (
     APP_ID,
     LATITUDE,
@@ -38,9 +40,9 @@ from checks import (
     parse_object,
 )
 from conversation import Chat, ChatRequest, error_kind
+from database import StoreError
 from events import EventLog
 from eventstream import PING, EventStream, frame
-from history import StoreError
 from leases import ConversationBusy
 from middleware import resume_token
 from ollama import OllamaError
@@ -49,7 +51,6 @@ from resume import Followers
 from servers import NoServer, Servers
 
 STOP_WAIT_SECONDS = 5.0  # how long POST .../stop waits for the stopped turn to be stored
-T = TypeVar("T")
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -82,7 +83,7 @@ async def read_body(request: Request) -> bytes:
     limit = request.app.state.config.max_body_bytes
     too_large = ClientError(413, f"the body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if re.fullmatch("[0-9]{1,19}", declared) and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -112,7 +113,7 @@ async def llmprompt(request: Request) -> Response:
     admission: Admission = request.app.state.admission
     received = asyncio.get_running_loop().time()
     try:
-        generation = await until_disconnected(
+        generation = await generate_unless_disconnected(
             request, admission.generate(request.state.client, model, "/api/generate", body)
         )
     except (OllamaError, NoServer, Shed) as exc:
@@ -136,9 +137,24 @@ async def llmprompt(request: Request) -> Response:
                 pass  # Ollama broke off: the client sees the stream end without a done line
             finally:
                 output.report()
-                await generation.aclose()
 
-    return StreamingResponse(relay(), media_type=generation.content_type)
+    return Relay(generation, relay())
+
+
+class Relay(StreamingResponse):
+    """A generation's answer relayed as it comes. The generation is closed (Ollama stops,
+    the slot goes to the next) however the response ends: even when the client leaves
+    before the stream began, and the body's generator never ran."""
+
+    def __init__(self, generation: Generation, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__(chunks, media_type=generation.content_type)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.generation.aclose()
 
 
 class PromptOutput:
@@ -172,22 +188,32 @@ class PromptOutput:
         metrics.reply_tokens(self.model, self.tokens)
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Await `work`, or cancel it and return None if the client goes away first.
-
-    Once the body has been read, the next ASGI message is the client's disconnect.
-    """
-    task = asyncio.ensure_future(work)
+async def generate_unless_disconnected(
+    request: Request, admitting: Awaitable[Generation]
+) -> Generation | None:
+    """Await the admission of a generation; None, with the generation given back, when
+    the client goes away first (once the body is read, the next ASGI message is the
+    client's disconnect)."""
+    task = asyncio.ensure_future(admitting)
     gone = asyncio.ensure_future(request.receive())
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself is cancelled
+        await _abandon(task)
+        raise
     finally:
         gone.cancel()
     if task.done():
         return task.result()
+    await _abandon(task)
+    return None
+
+
+async def _abandon(task: asyncio.Task[Generation]) -> None:
     task.cancel()
     await asyncio.wait({task})
-    return None
+    if not task.cancelled() and task.exception() is None:
+        await task.result().aclose()  # it was admitted just as the client left
 
 
 def refusal(status: int, error: str, retry_after: int | None = None) -> JSONResponse:
@@ -372,7 +398,8 @@ async def weather(request: Request) -> Response:
     if request.query_params:
         where: Any = request.query_params
     else:
-        where = await read_json(request) if await request.body() else {}
+        body = await read_body(request)
+        where = parse_json(body) if body else {}
         if not isinstance(where, dict):
             raise invalid("body: must be a JSON object with lat and lon")
     latitude = LATITUDE.check("lat", where.get("lat"))

@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from database import StoreError, reason
 from ollama import ROLES, Message, function_name
-
-SCHEMA = Path(__file__).with_name("schema.sql")
-
-
-class StoreError(Exception):
-    """The database could not do what was asked. The message is safe to show a client."""
-
-    status = 503
 
 
 @dataclass
@@ -52,19 +41,6 @@ class StoredMessage:
     message: Message
     seq: int  # its place in the conversation
     created_at: datetime
-
-
-async def apply_schema(conninfo: str) -> str:
-    """Create or migrate the tables; return the name of the role column this database uses."""
-    async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-        await conn.execute(SCHEMA.read_text())
-        cursor = await conn.execute(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = current_schema() AND table_name = 'chatts'"
-            " AND column_name IN ('username', 'name')"
-        )
-        columns = {row[0] for row in await cursor.fetchall()}
-    return "username" if "username" in columns else "name"
 
 
 UNANSWERED = "Error: the app did not return a result for this call."
@@ -152,14 +128,22 @@ class History:
             columns=columns.format(role=role)
         )
         # A turn's last rows, the earlier ones made part of the conversation, and the
-        # count of stored messages: one statement, so all or nothing.
+        # count of stored messages: one statement, so all or nothing. It is fenced by the
+        # turn's reply number: if another turn has taken the lease since (this one lost
+        # it without knowing yet), nothing is written.
         self._complete = sql.SQL(
-            "WITH added AS (INSERT INTO {columns}" + rows + " RETURNING seq),"
+            "WITH fence AS (SELECT 1 FROM conversation_leases"
+            " WHERE appid = %(app)s::text AND replies = %(reply)s),"
+            " added AS (INSERT INTO {columns}" + rows + " WHERE EXISTS (SELECT 1 FROM fence)"
+            " RETURNING seq),"
             " made AS (UPDATE chatts SET pending = false"
-            " WHERE appid = %(app)s::text AND seq = ANY(%(turn)s) RETURNING seq)"
-            " INSERT INTO conversation_sizes AS size (appid, messages)"
+            " WHERE appid = %(app)s::text AND seq = ANY(%(turn)s) AND pending"
+            " AND EXISTS (SELECT 1 FROM fence) RETURNING seq),"
+            " sized AS (INSERT INTO conversation_sizes AS size (appid, messages)"
             " SELECT %(app)s::text, (SELECT count(*) FROM added) + (SELECT count(*) FROM made)"
-            " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages"
+            " WHERE EXISTS (SELECT 1 FROM fence)"
+            " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages)"
+            " SELECT EXISTS (SELECT 1 FROM fence)"
         ).format(columns=columns.format(role=role))
         self._count = sql.SQL(
             "INSERT INTO conversation_sizes AS size (appid, messages)"
@@ -210,26 +194,47 @@ class History:
             raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
 
     async def complete(
-        self, app_id: str, messages: list[tuple[Message, str | None]], turn: list[int]
+        self,
+        app_id: str,
+        reply: int,
+        messages: list[tuple[Message, str | None]],
+        turn: list[int],
     ) -> None:
-        """Store a turn's last messages and make the whole turn part of the conversation."""
+        """Store a turn's last messages and make the whole turn part of the conversation,
+        unless the turn (reply number `reply`) no longer holds the appID's lease."""
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(
+                cursor = await conn.execute(
                     self._complete,
-                    {"app": app_id, "turn": turn, **_columns(messages, pending=False)},
+                    {
+                        "app": app_id,
+                        "reply": reply,
+                        "turn": turn,
+                        **_columns(messages, pending=False),
+                    },
                 )
+                fenced = await cursor.fetchone()
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
+        if not (fenced and fenced[0]):
+            raise StoreError(
+                "another request for this appID took the conversation over; the reply was"
+                " not stored"
+            )
 
     async def remove(self, app_id: str, seqs: list[int]) -> None:
-        """Delete the rows a failed turn wrote, so the conversation is as it was before it."""
+        """Delete the rows a failed turn wrote, so the conversation is as it was before it.
+
+        Only rows still pending: a turn whose last statement did complete it (its answer
+        lost on the way back) keeps it whole rather than losing its question.
+        """
         if not seqs:
             return
         try:
             async with self.pool.connection() as conn:
                 await conn.execute(
-                    "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s)", (app_id, seqs)
+                    "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s) AND pending",
+                    (app_id, seqs),
                 )
         except psycopg.Error as exc:
             raise StoreError(f"the database could not undo the turn: {reason(exc)}") from exc
@@ -391,53 +396,3 @@ def _tool_calls(stored: str | None) -> list[dict[str, Any]] | None:
     except ValueError:
         return None
     return calls if isinstance(calls, list) and calls else None
-
-
-class RecentCheck:
-    """The pool's check when it hands out a connection: a round trip of its own, so made
-    only for a connection that has not been used for CHECK_AFTER_SECONDS. `forget` makes
-    every connection be checked again, as after the database was away."""
-
-    def __init__(self) -> None:
-        self._used: WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = WeakKeyDictionary()
-
-    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        now = time.monotonic()
-        last, self._used[conn] = self._used.get(conn), now
-        if last is None or now - last >= CHECK_AFTER_SECONDS:
-            await AsyncConnectionPool.check_connection(conn)
-
-    def forget(self) -> None:
-        self._used.clear()
-
-
-CHECK_AFTER_SECONDS = 2.0
-
-
-# A database host that vanishes (no FIN, no RST) is noticed by TCP keepalives in about three
-# seconds, instead of the system's two hours, and one that does not answer a connection in
-# three. libpq ignores the keepalives on Unix sockets.
-CLIENT_KEEPALIVES = {
-    "connect_timeout": 3,
-    "keepalives": 1,
-    "keepalives_idle": 1,
-    "keepalives_interval": 1,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 2000,
-}
-
-
-def with_keepalives(conninfo: str, server_side: str = "") -> str:
-    """The conninfo with TCP keepalives, and PostgreSQL's own for this session if given."""
-    extra: dict[str, Any] = dict(CLIENT_KEEPALIVES)
-    if server_side:
-        options = conninfo_to_dict(conninfo).get("options")
-        extra["options"] = " ".join(filter(None, [options, server_side]))
-    return make_conninfo(conninfo, **extra)
-
-
-def reason(exc: psycopg.Error) -> str:
-    """A one-line reason without SQL text: the server's primary message, or the error's kind."""
-    diag = getattr(exc, "diag", None)
-    primary = diag.message_primary if diag else None
-    return primary or type(exc).__name__

@@ -14,6 +14,7 @@ If the lock connection itself is lost, so are the leases held on it: those turns
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from typing import Any
 import psycopg
 
 from bus import Bus
-from history import StoreError, reason, with_keepalives
+from database import StoreError, reason, with_keepalives
 
 log = logging.getLogger("chatterd")
 
@@ -51,10 +52,11 @@ def _taking() -> None:
 
 
 class Leases:
-    def __init__(self, conninfo: str, bus: Bus, wait: float) -> None:
+    def __init__(self, conninfo: str, bus: Bus, wait: float, db_timeout: float) -> None:
         self._conninfo = with_keepalives(conninfo, server_side=SERVER_KEEPALIVES)
         self._bus = bus
         self.wait = wait  # seconds a turn waits for another of its appID to finish
+        self._db_timeout = db_timeout  # seconds to wait for the lock connection to return
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._ready = asyncio.Event()
         self._held: dict[str, Callable[[], None]] = {}  # appID -> tell its turn it was lost
@@ -89,25 +91,29 @@ class Leases:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         with self._bus.watch("free", app_id) as freed:
-            while (reply := await self._take(app_id)) is None:
+            while True:
+                freed.clear()  # before trying: a release that comes meanwhile is not missed
+                if (reply := await self._take(app_id)) is not None:
+                    break
                 left = deadline - loop.time()
                 if left <= 0:
                     raise ConversationBusy(
                         f"another request for this appID has been running for over"
                         f" {self.wait:g} s; try again when it has finished"
                     )
-                freed.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(RETRY_SECONDS, left)):
                         await freed.wait()
-                except TimeoutError:
-                    pass
         self._held[app_id] = on_lost
         try:
             yield reply
         finally:
             del self._held[app_id]
             await asyncio.shield(self._let_go(app_id))
+
+    def taking(self, app_id: str) -> bool:
+        """Whether a turn of this worker is taking the appID's lease right now."""
+        return self._held.get(app_id) is _taking
 
     async def held_anywhere(self, app_id: str) -> bool:
         """Whether a turn of the appID runs now, on any worker or host."""
@@ -152,7 +158,7 @@ class Leases:
 
     async def _wait_ready(self) -> None:
         try:
-            async with asyncio.timeout(self.wait):
+            async with asyncio.timeout(self._db_timeout):
                 await self._ready.wait()
         except TimeoutError:
             raise StoreError("the database is unavailable: no connection for the leases") from None

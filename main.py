@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import database
 import handlers
 import history
 import metrics
@@ -196,22 +197,22 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         embedded, database_url = await asyncio.to_thread(start_embedded_postgres, config.data_dir)
     try:
         try:
-            role_column = await history.apply_schema(database_url)
+            role_column = await database.apply_schema(database_url)
         except psycopg.Error as exc:
             raise SystemExit(f"chatterd: cannot use the database: {exc}") from None
         pool = AsyncConnectionPool(
-            history.with_keepalives(database_url),
+            database.with_keepalives(database_url),
             min_size=config.db_pool_min,
             max_size=max(config.db_pool_max, config.db_pool_min),
             timeout=config.db_timeout,
-            check=(checked := history.RecentCheck()),
+            check=(checked := database.RecentCheck()),
             kwargs={"autocommit": True},  # a statement is its own transaction: no BEGIN, COMMIT
             open=False,
         )
         await pool.open()
         messages = Bus(database_url, pool)
         await messages.open()
-        leases = Leases(database_url, messages, config.conversation_wait)
+        leases = Leases(database_url, messages, config.conversation_wait, config.db_timeout)
         await leases.open()
         servers = Servers(
             [Server(url, ollama_client(config, url)) for url in config.ollama_base_urls],
@@ -246,13 +247,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.chat = chat
         app.state.followers = followers = Followers(event_log, messages)
         background = [
-            asyncio.create_task(messages.run()),
-            asyncio.create_task(leases.run()),
-            asyncio.create_task(event_log.run()),
-            asyncio.create_task(followers.watch_liveness()),
-            asyncio.create_task(servers.run()),
-            asyncio.create_task(report_pool(pool)),
-            asyncio.create_task(refill_when_back(pool, checked, messages)),
+            asyncio.create_task(supervised(name, work))
+            for name, work in (
+                ("the notifications", messages.run),
+                ("the leases' connection", leases.run),
+                ("the event log", event_log.run),
+                ("the resumed streams' check", followers.watch_liveness),
+                ("the Ollama servers' check", servers.run),
+                ("the pool's report", lambda: report_pool(pool)),
+                ("the pool's refill", lambda: refill_when_back(pool, checked, messages)),
+            )
         ]
         try:
             yield
@@ -285,8 +289,19 @@ def ollama_client(config: Config, base_url: str) -> httpx.AsyncClient:
     )
 
 
+async def supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a background loop for the worker's life: a bug in it is logged, and it starts
+    again a second later instead of being gone for good."""
+    while True:
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed; starting it again", name)
+        await asyncio.sleep(1.0)
+
+
 async def refill_when_back(
-    pool: AsyncConnectionPool, checked: history.RecentCheck, messages: Bus
+    pool: AsyncConnectionPool, checked: database.RecentCheck, messages: Bus
 ) -> None:
     """When the database is back after an outage, have the pool connect at once: its own
     back-off doubles from one second and can wait as long as the outage lasted. And check
@@ -298,8 +313,9 @@ async def refill_when_back(
         await messages.back.wait()
         messages.back.clear()
         checked.forget()
-        await pool.resize(pool.min_size + 1, pool.max_size)
-        await pool.resize(pool.min_size - 1, pool.max_size)
+        low, high = pool.min_size, pool.max_size
+        await pool.resize(low + 1, max(high, low + 1))
+        await pool.resize(low, high)
 
 
 async def report_pool(pool: AsyncConnectionPool) -> None:
@@ -320,7 +336,7 @@ async def client_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def store_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, history.StoreError)
+    assert isinstance(exc, database.StoreError)
     return JSONResponse({"error": str(exc)}, exc.status)
 
 
@@ -368,7 +384,7 @@ server = Starlette(
     ],
     exception_handlers={
         ClientError: client_error,
-        history.StoreError: store_error,
+        database.StoreError: store_error,
         HTTPException: http_error,
         Exception: server_error,
     },

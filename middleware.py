@@ -1,7 +1,8 @@
-"""What wraps every request: who is asking (the client, the optional API-key check), the
-access log with the request metrics, and closing a connection whose body was left unread.
+"""What wraps every request: who is asking (the client, the optional API-key check), CORS,
+the access log with the request metrics, and closing a connection whose body was left
+unread.
 
-Both are plain ASGI middleware, so streamed responses pass through untouched. They read
+All are plain ASGI middleware, so streamed responses pass through untouched. They read
 their settings from the app's Config, which the lifespan puts on `app.state`.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address
@@ -94,7 +96,7 @@ def _resume_with_token(scope: Scope, config: Any) -> bool:
     query = parse_qs(scope["query_string"].decode("latin-1"))
     token, app_id = query.get("token", [""])[0], query.get("appID", [""])[0]
     expires, _, mac = token.partition(".")
-    if not expires.isdigit() or int(expires) < time.time():
+    if not re.fullmatch("[0-9]{1,12}", expires) or int(expires) < time.time():
         return False
     return hmac.compare_digest(mac, _token_mac(config, app_id, int(expires)))
 

@@ -42,12 +42,18 @@ class Outbox:
         self._app_id = app_id
         self._log = event_log
         self._next_id: int | None = None
+        self._last_id = 0
+        self._began = asyncio.Event()  # the turn holds its lease
         self.started = False
         self.failed = False
 
     # The pipeline's side.
     def begin(self, reply: int) -> None:
+        self._began.set()
         self._next_id = first_id(reply)
+        # The last id in the reply's range is for its END; events past the range would
+        # take the next reply's ids, so they are relayed without an id and not logged.
+        self._last_id = first_id(reply + 1) - 1
 
     def send(self, event: str | None, data: bytes) -> None:
         self.started = True
@@ -67,7 +73,8 @@ class Outbox:
 
     def end(self) -> None:
         """Mark the end of the reply in the log; later events go to this response only."""
-        self._log_event(END, b"")
+        if self._next_id is not None:
+            self._log.append(self._app_id, min(self._next_id, self._last_id), END, b"")
         self._next_id = None
 
     def close(self) -> None:
@@ -75,24 +82,36 @@ class Outbox:
 
     def _log_event(self, event: str | None, data: bytes) -> int | None:
         event_id = self._next_id
-        if event_id is not None:
+        if event_id is not None and event_id < self._last_id:
             self._next_id = event_id + 1
             self._log.append(self._app_id, event_id, event, data)
-        return event_id
+            return event_id
+        return None  # not logged: the turn has none yet, or a million events already
 
     # The response's side.
     async def first(self, within: float) -> Refusal | Event | str | None:
-        """The first event, or the refusal; QUIET when neither comes within `within` seconds
-        (Ollama loading a model sends nothing): the stream then begins with a ping, so that
-        proxies keep it open, and a failure from then on is an error event."""
+        """The first event, or the refusal; QUIET when neither has come `within` seconds
+        after the turn took its lease (Ollama loading a model sends nothing): the stream
+        then begins with a ping, so that proxies keep it open, and a failure from then on
+        is an error event. While the turn waits for its lease, it waits (409 stays 409)."""
+        item = asyncio.ensure_future(self._queue.get())
+        began = asyncio.ensure_future(self._began.wait())
         try:
-            async with asyncio.timeout(within):
-                return await self._queue.get()
-        except TimeoutError:
-            if not self._queue.empty():
-                return self._queue.get_nowait()  # it came just as the wait ended
-            self.started = True
-            return QUIET
+            await asyncio.wait({item, began}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                await asyncio.wait({item}, timeout=within)
+        except BaseException:
+            item.cancel()
+            raise
+        finally:
+            began.cancel()
+        if item.done():
+            return item.result()
+        item.cancel()
+        if not self._queue.empty():
+            return self._queue.get_nowait()  # it came just as the wait ended
+        self.started = True
+        return QUIET
 
     def ping(self) -> None:
         """Ask the response for a keep-alive comment: it comes as an empty batch."""

@@ -1,8 +1,8 @@
 """Resumed streams: following a reply's events in the event log, from any worker.
 
-A worker reads each reply it has followers for once per wake-up, whatever the number of
-followers, and hands what it read to all of them (a `Feed`). It wakes when the bus says
-the reply's appID has new events, never by polling; and once a second, in one query for
+A worker reads each reply it has followers for once per notice of new events, whatever
+the number of followers, and hands what it read to all of them (a `Feed`). It wakes when
+the bus says the reply's appID has new events, never by polling; and once a second, in one query for
 all its feeds, it checks that the replies they follow still run, so that a reply whose
 host died ends with an error event (it has no END and never will).
 """
@@ -14,11 +14,14 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from bus import Bus
+from database import StoreError
 from events import END, EventLog, LoggedEvent
-from history import StoreError
 
 LIVENESS_SECONDS = 1.0  # how often a worker checks that the replies it follows still run
-CUT_OFF = b'{"error":"the reply was cut off before it ended (chatterd stopped); it was not stored"}'
+CUT_OFF = (
+    b'{"error":"the reply was cut off before its end (its host stopped, or lost the'
+    b' database); GET /conversations/{appID} shows what was stored"}'
+)
 
 
 class Feed:
@@ -134,8 +137,7 @@ class Followers:
                         if new[-1].event == END:
                             feed.end()
                             break
-                    else:
-                        await woken.wait()
+                    await woken.wait()  # for the next notice (or the liveness check)
             except StoreError as exc:
                 feed.end(failure=exc)
         if self._feeds.get((app_id, reply)) is feed:

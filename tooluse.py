@@ -126,7 +126,8 @@ class ToolUse:
             "notice",
             notice={
                 "kind": "calls_ignored",
-                "text": "the model called tools after they were withdrawn; the calls were not run",
+                "text": "the model called tools, but none are offered in this round;"
+                " the calls were not run",
                 "calls": [_shown(call) for call in calls],
             },
         )

@@ -11,11 +11,12 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import pytest
 
-from admission import Admission, Limits
+from admission import Admission, Limits, Shed
 from conftest import chatterd_env
 from servers import Server, Servers
 from sse import Streaming, chat_body, post, stored, wait_until
@@ -265,9 +266,10 @@ def test_behind_a_trusted_proxy_each_forwarded_address_is_a_client(
 # The line itself, without HTTP: a real Admission over a server that is never called.
 
 
-def line_of(parallel: int):
+def line_of(parallel: int, notice_seconds: float = 60):
     servers = Servers([Server("http://ollama.invalid", http=None)], check_seconds=60)
-    return servers.all[0], Admission(servers, Limits(parallel, queue_max=100, queue_per_client=100))
+    limits = Limits(parallel, queue_max=100, queue_per_client=100, notice_seconds=notice_seconds)
+    return servers.all[0], Admission(servers, limits)
 
 
 def test_turns_stopped_as_a_slot_frees_lose_no_slot():
@@ -293,13 +295,20 @@ def test_turns_stopped_as_a_slot_frees_lose_no_slot():
     asyncio.run(scenario())
 
 
-def test_a_long_line_is_told_its_places_at_most_once_a_second_except_near_the_front():
+def test_a_long_line_is_told_its_places_at_most_once_a_while_except_near_the_front():
     async def scenario() -> None:
-        server, admission = line_of(1)
+        server, admission = line_of(1, notice_seconds=0.05)
         await admission.acquire("first", MODEL)
         told: dict[int, list[int]] = {i: [] for i in range(8)}
+        last_told = asyncio.Event()
+
+        def tell(i: int, position: int) -> None:
+            told[i].append(position)
+            if i == 7:
+                last_told.set()
+
         tasks = [
-            asyncio.ensure_future(admission.acquire(f"c{i}", MODEL, told[i].append))
+            asyncio.ensure_future(admission.acquire(f"c{i}", MODEL, partial(tell, i)))
             for i in range(8)
         ]
         await asyncio.sleep(0)
@@ -307,11 +316,38 @@ def test_a_long_line_is_told_its_places_at_most_once_a_second_except_near_the_fr
             admission.release(server, 0.1)
             await asyncio.sleep(0)
         assert told[0] == [1] and told[1] == [2, 1] and told[3] == [4, 3, 2, 1]
-        assert told[7] == [8]  # far back: the moves of the last second are held back...
-        await asyncio.sleep(1.1)
-        assert told[7] == [8, 5]  # ...and told once the second is over
+        assert told[7] == [8]  # far back: the moves of the last moment are held back...
+        last_told.clear()
+        async with asyncio.timeout(10):
+            await last_told.wait()
+        assert told[7] == [8, 5]  # ...and told, once, when the moment is over
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_turns_later_round_is_never_refused_even_when_the_line_is_full():
+    """A tool round of a turn already begun waits its turn; refusing it would undo the
+    turn halfway."""
+
+    async def scenario() -> None:
+        server = Server("http://ollama.invalid", http=None)
+        servers = Servers([server], check_seconds=60)
+        admission = Admission(servers, Limits(1, queue_max=2, queue_per_client=1))
+        await admission.acquire("a", MODEL)
+        waiting = [asyncio.ensure_future(admission.acquire(c, MODEL)) for c in ("a", "b")]
+        await asyncio.sleep(0)
+        with pytest.raises(Shed):  # a new request of a's: its share is taken
+            await admission.acquire("a", MODEL)
+        later_round = asyncio.ensure_future(admission.acquire("a", MODEL, first_of_client=True))
+        await asyncio.sleep(0)
+        assert admission.waiting == 3 and not later_round.done()
+        admission.release(server, 1.0)
+        assert await later_round is server  # and it goes first among a's
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
 
     asyncio.run(scenario())

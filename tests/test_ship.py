@@ -246,6 +246,8 @@ def test_api_keys_when_configured(start_chatterd, database_url, ollama, meteo_st
             chat_body(app_id, "hi"),
         )
         open_health = client.get("/health")
+        not_a_token = client.get("/llmchat", params={"appID": app_id, "token": "\u00b2.x"})
+        assert not_a_token.status_code == 401  # a digit that int() refuses: no 500
     for refused in (missing, wrong):
         assert refused.status_code == 401
         assert "API key" in refused.json()["error"]
