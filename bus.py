@@ -136,7 +136,7 @@ def messages(kind: str, keys: list[str], limit: int = 7999) -> list[str]:
     batch: list[str] = []
     size = len(kind) + 3  # "<kind> []"
     for key in keys:
-        cost = len(json.dumps(key, ensure_ascii=False).encode()) + 1  # and its comma
+        cost = _quoted_size(key) + 1  # and its comma
         if batch and size + cost > limit:
             found.append(_message(kind, batch))
             batch, size = [], len(kind) + 3
@@ -145,6 +145,13 @@ def messages(kind: str, keys: list[str], limit: int = 7999) -> list[str]:
     if batch:
         found.append(_message(kind, batch))
     return found
+
+
+def _quoted_size(key: str) -> int:
+    """The bytes of `key` as a JSON string; most keys need no escape (the cheap case)."""
+    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
+        return len(key) + 2
+    return len(json.dumps(key, ensure_ascii=False).encode())
 
 
 def _message(kind: str, keys: list[str]) -> str:

@@ -253,7 +253,7 @@ class Chat:
                     del self._turns[request.app_id]
                     outbox.end()
                     # Resumed streams must find the END before the lease goes.
-                    await asyncio.shield(self.event_log.flush())
+                    await asyncio.shield(self.event_log.written())
                     control.ended.set()
         except (ConversationBusy, StoreError) as exc:
             metrics.error("busy" if isinstance(exc, ConversationBusy) else "database")
@@ -443,8 +443,8 @@ class Chat:
         try:
             async for line in generation.lines():
                 try:
-                    chunk = json.loads(line)
-                except ValueError:
+                    chunk = json.loads(line.decode())  # from str: no sniffing of the encoding
+                except ValueError:  # UnicodeDecodeError too
                     chunk = None
                 if not isinstance(chunk, dict):
                     text = line[:200].decode(errors="replace")

@@ -33,6 +33,7 @@ END = "end"  # the event name of a reply's END marker: never sent to a client
 FLUSH_SECONDS = 0.01  # how far the log may lag behind the live stream
 MAX_BUFFERED = 100_000  # events kept for a later write while the database is away
 RETRY_SECONDS = 0.5  # after a failed write
+WRITTEN_WAIT_SECONDS = 1.0  # how long `written` waits for the next flush before its own
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,30 @@ class EventLog:
         self._buffered = asyncio.Event()
         self._writing = asyncio.Lock()
         self._retry_at = 0.0  # after a failed write, not before this
+        self._waiting: list[asyncio.Future[None]] = []  # turns waiting for their END's write
 
     def append(self, app_id: str, event_id: int, event: str | None, data: bytes) -> None:
         self._buffer.append((app_id, event_id, event, data))
         self._buffered.set()
+
+    async def written(self) -> None:
+        """Wait until what is buffered now has been written, or its write failed.
+
+        The next flush writes it with every other stream's events, rather than in a statement
+        of its own: a turn's END costs no round trip. Should that flush not come (the loop
+        is restarting), the buffer is written here.
+        """
+        if not self._buffer:
+            async with self._writing:  # a write under way may hold it
+                return
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        self._buffered.set()
+        try:
+            async with asyncio.timeout(WRITTEN_WAIT_SECONDS):
+                await asyncio.shield(done)
+        except TimeoutError:
+            await self.flush()
 
     async def run(self) -> None:
         """Write the buffer soon after events come, and drop events past their keeping time."""
@@ -84,28 +105,36 @@ class EventLog:
         """Write what is buffered; on failure keep it for the next try (up to a bound)."""
         async with self._writing:
             batch, self._buffer = self._buffer, []
+            waiting, self._waiting = self._waiting, []
             self._buffered.clear()
-            if not batch:
-                return
-            app_ids, ids, names, datas = (list(column) for column in zip(*batch, strict=True))
-            told = bus.messages("events", list(dict.fromkeys(app_ids)))
             try:
-                async with self.pool.connection() as conn:
-                    await conn.execute(
-                        "WITH written AS ("
-                        " INSERT INTO stream_events (appid, id, event, data)"
-                        " SELECT * FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::bytea[])"
-                        " ON CONFLICT DO NOTHING)"
-                        " SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message",
-                        (app_ids, ids, names, datas, self._bus.channel, told),
-                    )
-            except psycopg.OperationalError as exc:  # the database is away: try again later
-                log.warning("could not write %d stream events: %s", len(batch), reason(exc))
-                self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
-                self._retry_at = asyncio.get_running_loop().time() + RETRY_SECONDS
-                self._buffered.set()
-            except psycopg.Error as exc:  # these events can't be written: don't try forever
-                log.error("dropped %d stream events: %s", len(batch), reason(exc))
+                if batch:
+                    await self._write(batch)
+            finally:
+                for done in waiting:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _write(self, batch: list[tuple[str, int, str | None, bytes]]) -> None:
+        app_ids, ids, names, datas = (list(column) for column in zip(*batch, strict=True))
+        told = bus.messages("events", list(dict.fromkeys(app_ids)))
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "WITH written AS ("
+                    " INSERT INTO stream_events (appid, id, event, data)"
+                    " SELECT * FROM unnest(%b::text[], %b::bigint[], %b::text[], %b::bytea[])"
+                    " ON CONFLICT DO NOTHING)"
+                    " SELECT pg_notify(%s, message) FROM unnest(%b::text[]) AS message",
+                    (app_ids, ids, names, datas, self._bus.channel, told),
+                )
+        except psycopg.OperationalError as exc:  # the database is away: try again later
+            log.warning("could not write %d stream events: %s", len(batch), reason(exc))
+            self._buffer = (batch + self._buffer)[-MAX_BUFFERED:]
+            self._retry_at = asyncio.get_running_loop().time() + RETRY_SECONDS
+            self._buffered.set()
+        except psycopg.Error as exc:  # these events can't be written: don't try forever
+            log.error("dropped %d stream events: %s", len(batch), reason(exc))
 
     async def _expire(self) -> None:
         try:

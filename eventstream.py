@@ -1,6 +1,7 @@
 """Server-Sent Events: the wire format, and the response that streams a new reply's events.
 
-The response writes to ASGI itself, one send per batch of events. sse-starlette's
+The response reads the reply's Outbox and writes to ASGI itself, one send per batch of
+events. sse-starlette's
 response puts a cancel scope and a queue hand-off around every send, which cost more CPU
 than the rest of the relay on the hot path; it still serves resumed streams
 (handlers.resume), where a few events a second are no burden.
@@ -9,10 +10,13 @@ than the rest of the relay on the hot path; it still serves resumed streams
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+import metrics
+from outbox import Outbox
 
 PING = b": ping\n\n"  # a comment, every CHATTERD_PING_SECONDS of a quiet stream
 HEADERS = [
@@ -31,23 +35,25 @@ def frame(event_id: int | None, event: str | None, data: bytes) -> bytes:
 
 
 class EventStream(Response):
-    """A text/event-stream of the byte strings `chunks` yields, each sent as it comes.
+    """A text/event-stream of a new reply: `first` (its first event, framed, or a ping;
+    None when it ended without one), then the outbox's events, one send for each batch
+    that is waiting.
 
-    `tick` is called every `ping_seconds` while the stream is open, so that the producer
-    can slip a PING between its events (proxies close streams that stay quiet). A client
-    that goes away ends the stream (and closes `chunks`): granian does not fail a send to
-    a closed connection, so the response listens for the disconnect itself.
+    Every `ping_seconds` while the stream is open, the outbox is asked for a PING between
+    its events (proxies close streams that stay quiet). A client that goes away ends the
+    stream at once: granian does not fail a send to a closed connection, so the response
+    listens for the disconnect itself. The pipeline goes on regardless (conversation.py).
     """
 
     def __init__(
         self,
-        chunks: AsyncIterator[bytes],
-        tick: Callable[[], None],
+        outbox: Outbox,
+        first: bytes | None,
         ping_seconds: float,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.chunks = chunks
-        self.tick = tick
+        self.outbox = outbox
+        self.first = first
         self.ping_seconds = ping_seconds
         self.status_code = 200
         self.raw_headers = HEADERS + [
@@ -62,17 +68,24 @@ class EventStream(Response):
         assert this is not None
         left = False
 
-        def client_left(_: object) -> None:  # stop waiting for the next chunk, at once
+        def client_left(_: object) -> None:  # stop waiting for the next batch, at once
             nonlocal left
             left = True
             this.cancel()
 
         gone = asyncio.ensure_future(_disconnected(receive))
         gone.add_done_callback(client_left)
-        ticks = _Ticker(asyncio.get_running_loop(), self.tick, self.ping_seconds)
+        take = self.outbox.take
+        ticks = _Ticker(asyncio.get_running_loop(), self.outbox.ping, self.ping_seconds)
+        metrics.stream_opened()
         try:
-            async for chunk in self.chunks:
+            chunk: bytes | None = self.first
+            while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                batch = await take()
+                if batch is None:
+                    break
+                chunk = b"".join([frame(*event) for event in batch]) if batch else PING
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not left or this.uncancel():  # cancelled from outside too
@@ -81,6 +94,9 @@ class EventStream(Response):
             ticks.cancel()
             gone.remove_done_callback(client_left)
             gone.cancel()
+            metrics.stream_closed()
+            if left:
+                metrics.client_disconnected()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -255,18 +255,11 @@ async def _chat(request: Request, *, with_tools: bool) -> Response:
     if isinstance(first, Refusal):
         return refusal(first.status, first.error, first.retry_after)
 
-    async def stream() -> AsyncIterator[bytes]:
-        if first is None:
-            return
-        with streaming():
-            yield PING if first == QUIET else frame(*first)
-            async for batch in outbox.rest():  # one write for all the events that are waiting
-                yield b"".join([frame(*event) for event in batch]) if batch else PING
-
     headers = {}
     if config.api_keys:  # lets a browser's EventSource resume this appID without a key
         headers["Chatterd-Resume-Token"] = resume_token(config, chat_request.app_id)
-    return EventStream(stream(), outbox.ping, config.ping_seconds, headers)
+    opening = None if first is None else PING if first == QUIET else frame(*first)
+    return EventStream(outbox, opening, config.ping_seconds, headers)
 
 
 @contextmanager

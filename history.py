@@ -173,7 +173,7 @@ class History:
             async with self.pool.connection() as conn:
                 cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
                 rows = await cursor.fetchall()
-                total = rows[0][4] if rows else None
+                total = rows[0][4] if rows else 0  # nothing stored: a new conversation
                 if total is None:  # not counted yet: a tutorial's conversation, say
                     cursor = await conn.execute(self._count, {"app": app_id})
                     total = (await cursor.fetchone() or (0,))[0]

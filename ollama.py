@@ -153,6 +153,14 @@ async def post(client: httpx.AsyncClient, path: str, body: bytes) -> httpx.Respo
     raise OllamaError(answer, error_text(error_body, status), retry_elsewhere=status >= 500)
 
 
+def split_lines(rest: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The whole non-blank lines of what came so far (`rest`, then `chunk`), and what is left."""
+    if b"\n" not in chunk:
+        return [], rest + chunk
+    *lines, rest = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+    return [line for line in lines if line.strip()], rest
+
+
 class Opened:
     """A streamed answer of Ollama's whose first line has arrived: the generation has begun."""
 
@@ -175,15 +183,21 @@ class Opened:
     async def lines(self) -> AsyncIterator[bytes]:
         """The answer's NDJSON lines, each exactly as Ollama wrote it (as bytes).
 
-        Lines are split from the raw bytes here rather than by httpx's text layers: this is
-        the hot path, run once per token of every reply.
+        Lines are split from the transport's chunks here, in one generator, rather than by
+        httpx's text layers: this is the hot path, run once per token of every reply.
         """
-        rest = b""
-        async for chunk in self.chunks():
-            *lines, rest = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-            for line in lines:
-                if line.strip():
+        lines, rest = split_lines(b"", self._first)
+        for line in lines:
+            yield line
+        try:
+            async for chunk in self._raw:
+                lines, rest = split_lines(rest, chunk)
+                for line in lines:
                     yield line
+        except httpx.HTTPError as exc:
+            raise OllamaError(
+                502, f"the connection to Ollama broke mid-stream: {failure_name(exc)}"
+            ) from exc
         if rest.strip():
             yield rest
 

@@ -1,7 +1,7 @@
 """The events of one reply: to the client that asked for it, and to the event log.
 
 The pipeline writes events as they come (`send`), or a failure (`fail`); the HTTP
-response reads them (`first`, then `rest`, in batches). Once the turn has its reply
+response reads them (`first`, then `take`, in batches). Once the turn has its reply
 number (`begin`), every event also goes to the event log under its id, so that a client
 that lost its stream can resume it; the END marker closes the reply in the log.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections import deque
 from dataclasses import dataclass
 
 from events import END, EventLog, first_id
@@ -38,7 +38,10 @@ class Outbox:
     """
 
     def __init__(self, app_id: str, event_log: EventLog) -> None:
-        self._queue: asyncio.Queue[Refusal | Event | str | None] = asyncio.Queue()
+        # What the response has yet to read; None marks the end. A plain deque and one
+        # waiter, not an asyncio.Queue: this is the hot path's hand-off, once per event.
+        self._items: deque[Refusal | Event | str | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._app_id = app_id
         self._log = event_log
         self._next_id: int | None = None
@@ -57,7 +60,7 @@ class Outbox:
 
     def send(self, event: str | None, data: bytes) -> None:
         self.started = True
-        self._queue.put_nowait((self._log_event(event, data), event, data))
+        self._put((self._log_event(event, data), event, data))
 
     def fail(self, status: int, error: str, retry_after: int | None = None) -> None:
         """Report a failure: as an HTTP status while nothing was sent, else as an error event."""
@@ -69,7 +72,7 @@ class Outbox:
             self.send("error", data)
         else:
             self._log_event("error", data)  # a resumed stream hears of it too
-            self._queue.put_nowait(Refusal(status, error, retry_after))
+            self._put(Refusal(status, error, retry_after))
 
     def end(self) -> None:
         """Mark the end of the reply in the log; later events go to this response only."""
@@ -78,7 +81,13 @@ class Outbox:
         self._next_id = None
 
     def close(self) -> None:
-        self._queue.put_nowait(None)
+        self._put(None)
+
+    def _put(self, item: Refusal | Event | str | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _log_event(self, event: str | None, data: bytes) -> int | None:
         event_id = self._next_id
@@ -94,44 +103,48 @@ class Outbox:
         after the turn took its lease (Ollama loading a model sends nothing): the stream
         then begins with a ping, so that proxies keep it open, and a failure from then on
         is an error event. While the turn waits for its lease, it waits (409 stays 409)."""
-        item = asyncio.ensure_future(self._queue.get())
+        arrived = self._arrival()
         began = asyncio.ensure_future(self._began.wait())
         try:
-            await asyncio.wait({item, began}, return_when=asyncio.FIRST_COMPLETED)
-            if not item.done():
-                await asyncio.wait({item}, timeout=within)
-        except BaseException:
-            item.cancel()
-            raise
+            await asyncio.wait({arrived, began}, return_when=asyncio.FIRST_COMPLETED)
+            if not arrived.done():
+                await asyncio.wait({arrived}, timeout=within)
         finally:
             began.cancel()
-        if item.done():
-            return item.result()
-        item.cancel()
-        if not self._queue.empty():
-            return self._queue.get_nowait()  # it came just as the wait ended
+        if self._items:
+            return self._items.popleft()
         self.started = True
         return QUIET
 
     def ping(self) -> None:
         """Ask the response for a keep-alive comment: it comes as an empty batch."""
-        self._queue.put_nowait(PING)
+        self._put(PING)
 
-    async def rest(self) -> AsyncIterator[list[Event]]:
-        """The remaining events, in batches: all that are waiting, each time it wakes.
-        An empty batch is a ping."""
-        while True:
-            item = await self._queue.get()
-            batch: list[Event] = []
-            pinged = item is PING
-            while isinstance(item, tuple) or item is PING:  # a Refusal can only come first
-                if item is not PING:
-                    batch.append(item)
-                if self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-                pinged = pinged or item is PING
-            if batch or pinged:
-                yield batch
+    async def take(self) -> list[Event] | None:
+        """The next events, all that are waiting (an empty batch is a ping); None at the end."""
+        if not self._items:
+            await self._arrival()
+        items = self._items
+        batch: list[Event] = []
+        pinged = False
+        while items:
+            item = items.popleft()
             if item is None:
-                return
+                if batch or pinged:
+                    items.appendleft(None)  # the end, for the next call
+                    return batch
+                return None
+            if item is PING:
+                pinged = True
+            else:
+                batch.append(item)  # type: ignore[arg-type]  # a Refusal can only come first
+        return batch
+
+    def _arrival(self) -> asyncio.Future[None]:
+        """A future that is done once an item waits to be read."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self._items:
+            waiter.set_result(None)
+        else:
+            self._waiter = waiter
+        return waiter
