@@ -1,10 +1,9 @@
 """Server-Sent Events: the wire format, and the response that streams a new reply's events.
 
 The response reads the reply's Outbox and writes to ASGI itself, one send per batch of
-events. sse-starlette's
-response puts a cancel scope and a queue hand-off around every send, which cost more CPU
-than the rest of the relay on the hot path; it still serves resumed streams
-(handlers.resume), where a few events a second are no burden.
+events. sse-starlette's response puts a cancel scope and a queue hand-off around every
+send, which cost more CPU than the rest of the relay on the hot path; it still serves
+resumed streams (handlers.resume), where a few events a second are no burden.
 """
 
 from __future__ import annotations

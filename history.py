@@ -101,7 +101,7 @@ class History:
         # Clear a dead turn's pending rows, and read the newest messages, the system
         # messages before them (those always count) and how many messages are stored.
         # (The DELETE and the SELECT see the same snapshot; pending rows are never read.)
-        self._read_window = sql.SQL(
+        window = (
             "WITH cleared AS (DELETE FROM chatts WHERE appid = %(app)s::text AND pending),"
             " recent AS ("
             " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
@@ -110,10 +110,13 @@ class History:
             " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
             " WHERE appid = %(app)s::text AND NOT pending AND {role} = 'system'"
             " AND seq < (SELECT min(seq) FROM recent))"
-            " SELECT role, message, toolcalls, toolname,"
+        )
+        read = (
+            " SELECT 0 AS part, seq, role, message, toolcalls, toolname,"
             " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text)"
-            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier) AS rows ORDER BY seq"
-        ).format(role=role)
+            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier) AS rows"
+        )
+        self._read_window = sql.SQL(window + read + " ORDER BY seq").format(role=role)
         self._select_page = sql.SQL(
             "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
             " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
@@ -127,6 +130,17 @@ class History:
         self._insert = sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq").format(
             columns=columns.format(role=role)
         )
+        # The same read, and the request's rows stored pending (the read does not see
+        # them: one snapshot): the rows of part 1 are their seqs.
+        self._read_and_insert = sql.SQL(
+            window
+            + ", added AS (INSERT INTO {columns}"
+            + rows
+            + " RETURNING seq)"
+            + read
+            + " UNION ALL SELECT 1, seq, NULL, NULL, NULL, NULL, NULL FROM added"
+            " ORDER BY part, seq"
+        ).format(role=role, columns=columns.format(role=role))
         # A turn's last rows, the earlier ones made part of the conversation, and the
         # count of stored messages: one statement, so all or nothing. It is fenced by the
         # turn's reply number: if another turn has taken the lease since (this one lost
@@ -171,15 +185,22 @@ class History:
         """
         try:
             async with self.pool.connection() as conn:
-                cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
-                rows = await cursor.fetchall()
-                total = rows[0][4] if rows else 0  # nothing stored: a new conversation
-                if total is None:  # not counted yet: a tutorial's conversation, say
-                    cursor = await conn.execute(self._count, {"app": app_id})
-                    total = (await cursor.fetchone() or (0,))[0]
-                history = [_message(row) for row in rows]
-                incoming = settle_tool_calls(history, incoming)
-                stored = await self._insert_rows(conn, app_id, [(m, None) for m in incoming])
+                if any(message.role == "tool" for message in incoming):
+                    # Results of device calls: their names come from the stored calls.
+                    history, total = await self._read(conn, app_id, window)
+                    incoming = settle_tool_calls(history, incoming)
+                    stored = await self._insert_rows(conn, app_id, [(m, None) for m in incoming])
+                else:  # the common case: read and store in one round trip
+                    history, total, stored = await self._read_and_store(
+                        conn, app_id, window, incoming
+                    )
+                    settled = settle_tool_calls(history, incoming)
+                    if len(settled) != len(incoming):  # calls the app left unanswered
+                        await self._delete_pending(conn, app_id, stored)
+                        incoming = settled  # their results go first
+                        stored = await self._insert_rows(
+                            conn, app_id, [(m, None) for m in incoming]
+                        )
                 tools = await self._device_tools(conn, app_id, device_tools) if with_tools else []
         except psycopg.Error as exc:
             raise StoreError(f"the database could not store the request: {reason(exc)}") from exc
@@ -299,6 +320,52 @@ class History:
             self._insert, {"app": app_id, **_columns(messages, pending=True)}
         )
         return sorted(row[0] for row in await cursor.fetchall())  # seqs grow row by row
+
+    async def _read(
+        self, conn: psycopg.AsyncConnection[Any], app_id: str, window: int
+    ) -> tuple[list[Message], int]:
+        """The history's window (see _read_window) and how many messages are stored."""
+        cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
+        rows = await cursor.fetchall()
+        history = [_message(row[2:6]) for row in rows]
+        return history, await self._total(conn, app_id, rows)
+
+    async def _read_and_store(
+        self, conn: psycopg.AsyncConnection[Any], app_id: str, window: int, incoming: list[Message]
+    ) -> tuple[list[Message], int, list[int]]:
+        """The history's window, the count, and the seqs of `incoming`, stored pending."""
+        cursor = await conn.execute(
+            self._read_and_insert,
+            {
+                "app": app_id,
+                "window": window,
+                **_columns([(m, None) for m in incoming], pending=True),
+            },
+        )
+        rows = await cursor.fetchall()
+        read = [row for row in rows if row[0] == 0]
+        history = [_message(row[2:6]) for row in read]
+        stored = [row[1] for row in rows if row[0] == 1]  # in order: ORDER BY part, seq
+        return history, await self._total(conn, app_id, read), stored
+
+    async def _total(
+        self, conn: psycopg.AsyncConnection[Any], app_id: str, read: list[tuple[Any, ...]]
+    ) -> int:
+        """How many messages are stored, from the window's rows; counted when not yet kept."""
+        if not read:
+            return 0  # nothing stored: a new conversation
+        total = read[0][6]
+        if total is None:  # not counted yet: a tutorial's conversation, say
+            cursor = await conn.execute(self._count, {"app": app_id})
+            total = (await cursor.fetchone() or (0,))[0]
+        return total
+
+    async def _delete_pending(
+        self, conn: psycopg.AsyncConnection[Any], app_id: str, seqs: list[int]
+    ) -> None:
+        await conn.execute(
+            "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s) AND pending", (app_id, seqs)
+        )
 
     async def _device_tools(
         self,
