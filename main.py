@@ -7,6 +7,7 @@ unit does, `granian --interface asgi main:server`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -258,6 +259,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 ("the pool's refill", lambda: refill_when_back(pool, checked, messages)),
             )
         ]
+        settle_garbage_collector()
         try:
             yield
         finally:
@@ -273,6 +275,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)
+
+
+def settle_garbage_collector() -> None:
+    """Once the worker is set up: its objects so far are kept out of the collector's scans
+    for good (gc.freeze), and the youngest generation is collected every 10,000
+    allocations rather than 700. The relay allocates a few objects per token, and the
+    collector's passes over every open stream cost about 6% of the CPU per relayed event
+    (README, Performance)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)  # from 700, 10, 10
 
 
 def ollama_client(config: Config, base_url: str) -> httpx.AsyncClient:
