@@ -121,10 +121,10 @@ class History:
             "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
             " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
         ).format(role=role)
-        rows = (
+        rows = (  # binary arrays: psycopg's text arrays escape each quote with a regex
             " SELECT %(app)s::text, * FROM unnest("
-            "%(roles)s::text[], %(contents)s::text[], %(thinking)s::text[],"
-            " %(calls)s::text[], %(names)s::text[], %(pending)s::boolean[])"
+            "%(roles)b::text[], %(contents)b::text[], %(thinking)b::text[],"
+            " %(calls)b::text[], %(names)b::text[], %(pending)b::boolean[])"
         )
         columns = sql.SQL("chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)")
         self._insert = sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq").format(
