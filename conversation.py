@@ -443,7 +443,8 @@ class Chat:
         try:
             async for line in generation.lines():
                 try:
-                    chunk = json.loads(line.decode())  # from str: no sniffing of the encoding
+                    # From str, so that json does not sniff for UTF-16 (Ollama writes UTF-8).
+                    chunk = json.loads(line.decode())
                 except ValueError:  # UnicodeDecodeError too
                     chunk = None
                 if not isinstance(chunk, dict):

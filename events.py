@@ -14,7 +14,6 @@ A client that lost its stream follows the log from any worker (resume.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -86,20 +85,24 @@ class EventLog:
             await self.flush()
 
     async def run(self) -> None:
-        """Write the buffer soon after events come, and drop events past their keeping time."""
+        """Write the buffer soon after events come, and drop events past their keeping time
+        (apart, so that a long delete never holds up a write, nor a turn's END)."""
+        async with asyncio.TaskGroup() as loops:  # one fails: both end, and start again
+            loops.create_task(self._write_soon())
+            loops.create_task(self._expire_now_and_then())
+
+    async def _write_soon(self) -> None:
         loop = asyncio.get_running_loop()
-        next_expiry = loop.time()
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_expiry - loop.time())):
-                    await self._buffered.wait()
-            if self._buffered.is_set():
-                # What comes meanwhile goes in this write; after a failure, wait a little.
-                await asyncio.sleep(max(FLUSH_SECONDS, self._retry_at - loop.time()))
-                await self.flush()
-            if loop.time() >= next_expiry:
-                await self._expire()
-                next_expiry = loop.time() + min(60.0, self.keep_seconds / 2)
+            await self._buffered.wait()
+            # What comes meanwhile goes in this write; after a failure, wait a little.
+            await asyncio.sleep(max(FLUSH_SECONDS, self._retry_at - loop.time()))
+            await self.flush()
+
+    async def _expire_now_and_then(self) -> None:
+        while True:
+            await self._expire()
+            await asyncio.sleep(min(60.0, self.keep_seconds / 2))
 
     async def flush(self) -> None:
         """Write what is buffered; on failure keep it for the next try (up to a bound)."""

@@ -65,7 +65,7 @@ class EventStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         this = asyncio.current_task()
         assert this is not None
-        left = False
+        left = finished = False
 
         def client_left(_: object) -> None:  # stop waiting for the next batch, at once
             nonlocal left
@@ -83,6 +83,7 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 batch = await take()
                 if batch is None:
+                    finished = True
                     break
                 chunk = b"".join([frame(*event) for event in batch]) if batch else PING
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -94,7 +95,7 @@ class EventStream(Response):
             gone.remove_done_callback(client_left)
             gone.cancel()
             metrics.stream_closed()
-            if left:
+            if left and not finished:  # it went away before the reply's end
                 metrics.client_disconnected()
 
 

@@ -92,8 +92,10 @@ def _call_names(message: Message) -> list[str]:
 
 class History:
     """The store's statements. Each is one round trip where it can be: a turn costs a
-    statement to read the history and store the request (two on /llmtools, which also
-    reads the device tools), one per tool round, and one to complete it."""
+    statement to read the history and store the request (two when it carries tool
+    results, whose names come from the stored calls, or leaves calls unanswered; one more
+    on /llmtools, which also reads the device tools), one per tool round, and one to
+    complete it."""
 
     def __init__(self, pool: AsyncConnectionPool, role_column: str) -> None:
         self.pool = pool
@@ -253,10 +255,7 @@ class History:
             return
         try:
             async with self.pool.connection() as conn:
-                await conn.execute(
-                    "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s) AND pending",
-                    (app_id, seqs),
-                )
+                await self._delete_pending(conn, app_id, seqs)
         except psycopg.Error as exc:
             raise StoreError(f"the database could not undo the turn: {reason(exc)}") from exc
 
@@ -363,6 +362,7 @@ class History:
     async def _delete_pending(
         self, conn: psycopg.AsyncConnection[Any], app_id: str, seqs: list[int]
     ) -> None:
+        """Delete those of the rows that are still pending."""
         await conn.execute(
             "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s) AND pending", (app_id, seqs)
         )

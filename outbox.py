@@ -137,7 +137,8 @@ class Outbox:
             if item is PING:
                 pinged = True
             else:
-                batch.append(item)  # type: ignore[arg-type]  # a Refusal can only come first
+                assert isinstance(item, tuple)  # a Refusal can only come first
+                batch.append(item)
         return batch
 
     def _arrival(self) -> asyncio.Future[None]:
