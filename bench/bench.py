@@ -54,6 +54,7 @@ from pathlib import Path
 import loadgen
 import psutil
 import psycopg
+from processes import free_port, start_standin, wait_for_port
 
 import budget  # the project's own modules are installed in its environment
 from ollama import Message
@@ -157,35 +158,8 @@ class Variant:
     granian_args: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server on port {port} exited; see {log}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port}; see {log}")
-
-
 def log_file(prefix: str):
     return tempfile.NamedTemporaryFile(prefix=f"bench-{prefix}-", suffix=".log", delete=False)
-
-
-def start_standin(tokens: int, gap: float) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(BENCH / "paced_ollama.py"), str(port), str(tokens), str(gap)]
-    )
-    wait_for_port(port, process, "the stand-in's output")
-    return process, port
 
 
 def side_python() -> list[str]:

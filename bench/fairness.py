@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,27 +57,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processes import free_port, start_standin, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # Processes: PostgreSQL, the stand-in, chatterd; their CPU time from /proc.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -152,16 +137,6 @@ def start_database(preload: str | None = None) -> Database:
     return Database(server.get_uri(), server, postmaster)
 
 
-def start_standin(tokens: int, gap: float) -> tuple[subprocess.Popen, int]:
-    """bench/paced_ollama.py: every request, whatever its path, gets the paced reply."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "paced_ollama.py"), str(port), str(tokens), str(gap)]
-    )
-    wait_for_port(port)
-    return process, port
-
-
 def start_own_standin(
     tokens: int, gap: float, parallel: int = 0, pause_after: int = 0, pause: float = 0.0
 ) -> tuple[subprocess.Popen, int]:
@@ -171,7 +146,7 @@ def start_own_standin(
         [sys.executable, str(Path(__file__).resolve()), "--standin", str(port), str(tokens),
          str(gap), str(parallel), str(pause_after), str(pause)]
     )  # fmt: skip
-    wait_for_port(port)
+    wait_for_port(port, process, timeout=30)
     return process, port
 
 
