@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from conftest import chatterd_env
-from sse import chat_body, parse_events, post, stored
+from sse import Streaming, chat_body, parse_events, post, stored, wait_until
 from standins import (
     Received,
     Reply,
@@ -187,6 +187,66 @@ def test_two_requests_for_one_app_take_turns_across_workers(
     sent = [[m["content"] for m in chat["messages"]] for chat in ollama.chats()]
     assert sent[1] == [content for _, content in rows[:3]]
     assert sent[2] == [content for _, content in rows[:5]]
+
+
+def test_turns_that_start_together_each_hold_their_own_lease(
+    start_chatterd, database_url, ollama, meteo_standin, db
+):
+    """Sixteen apps' turns start at once (their leases are taken together, in one round
+    trip: leases.Together) and all generate side by side; a second request for one of
+    them still waits until that app's first turn has ended, and then sees it whole."""
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_OLLAMA_PARALLEL": "32",  # no admission queue in the way
+    }
+    server = start_chatterd(env)
+    gate = threading.Event()
+
+    def script(received: Received) -> Stream:
+        said = received.body["messages"][-1]["content"]
+        lines = [chat_line("gemma3:270m", f"You said: {said}"), done_line("gemma3:270m")]
+        return Stream(lines, hold_after=1, release=gate)
+
+    ollama.script = script
+    batch = f"test.leases.{os.urandom(4).hex()}"
+    apps = [f"{batch}.{number}" for number in range(16)]
+    try:
+        firsts = [
+            Streaming(server.url, "/llmchat", chat_body(app, f"first of {app}")) for app in apps
+        ]
+        wait_until(lambda: ollama.in_flight == len(apps), what="every turn generating")
+        second = Streaming(server.url, "/llmchat", chat_body(apps[0], "second"))
+
+        def running() -> int:
+            return httpx.get(f"{server.url}/health", timeout=10).json()["streams"]
+
+        wait_until(lambda: running() == len(apps) + 1, what="the second turn waiting")
+    finally:
+        gate.set()
+    for stream in [*firsts, second]:
+        assert stream.finish().status == 200
+
+    for app in apps[1:]:
+        assert stored(db, app) == [
+            ("user", f"first of {app}"),
+            ("assistant", f"You said: first of {app}"),
+        ]
+    assert stored(db, apps[0]) == [
+        ("user", f"first of {apps[0]}"),
+        ("assistant", f"You said: first of {apps[0]}"),
+        ("user", "second"),
+        ("assistant", "You said: second"),
+    ]
+    asked_second = [chat for chat in ollama.chats() if chat["messages"][-1]["content"] == "second"]
+    assert [m["content"] for m in asked_second[0]["messages"]] == [
+        content for _, content in stored(db, apps[0])[:3]
+    ]
+    counted = dict(
+        db.execute(
+            "SELECT appid, replies FROM conversation_leases WHERE appid LIKE %s", (batch + ".%",)
+        ).fetchall()
+    )
+    assert counted == {app: 2 if app == apps[0] else 1 for app in apps}
 
 
 def test_a_conversation_held_too_long_answers_409(
@@ -371,10 +431,13 @@ def test_a_stream_in_flight_finishes_within_the_grace_period_on_sigterm(
 def test_many_conversations_at_once_stay_whole_and_in_order(
     start_chatterd, database_url, ollama, meteo_standin, db
 ):
-    server = start_chatterd(
-        chatterd_env(database_url, ollama.url, meteo_standin.url), "--workers", "2"
-    )
     apps, turns = 100, 5
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        # All come from one address, one client: let the queue hold them all.
+        "CHATTERD_QUEUE_PER_CLIENT": str(apps),
+    }
+    server = start_chatterd(env, "--workers", "2")
     prefix = f"test.load.{time.time_ns()}"
 
     async def converse(client: httpx.AsyncClient, app: str) -> list[int]:
