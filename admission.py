@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import metrics
-import ollama
 from ollama import OllamaError, Opened
 from servers import NoServer, Server, Servers
 
@@ -108,7 +107,7 @@ class Admission:
                     raise failure from None
                 raise
             try:
-                opened = await ollama.open_stream(server.http, path, body)
+                opened = await server.streams.open(path, body)
             except BaseException as exc:
                 if isinstance(exc, OllamaError) and exc.unreachable:
                     self.servers.mark_down(server, exc.error)  # before its slot is given on
@@ -304,7 +303,7 @@ class Generation:
 
     @property
     def content_type(self) -> str:
-        return self._opened.response.headers.get("content-type", "application/x-ndjson")
+        return self._opened.content_type
 
     def lines(self) -> AsyncIterator[bytes]:
         return self._opened.lines()

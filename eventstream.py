@@ -1,9 +1,10 @@
 """Server-Sent Events: the wire format, and the response that streams a new reply's events.
 
 The response reads the reply's Outbox and writes to ASGI itself, one send per batch of
-events. sse-starlette's response puts a cancel scope and a queue hand-off around every
-send, which cost more CPU than the rest of the relay on the hot path; it still serves
-resumed streams (handlers.resume), where a few events a second are no burden.
+events, past the middleware once the response has started (middleware.PassBodyThrough).
+sse-starlette's response puts a cancel scope and a queue hand-off around every send,
+which cost more CPU than the rest of the relay on the hot path; it still serves resumed
+streams (handlers.resume), where a few events a second are no burden.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import metrics
+from middleware import BODY_SEND
 from outbox import Outbox
 
 PING = b": ping\n\n"  # a comment, every CHATTERD_PING_SECONDS of a quiet stream
@@ -63,6 +65,7 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        send = scope.get(BODY_SEND, send)  # past the middleware (PassBodyThrough)
         this = asyncio.current_task()
         assert this is not None
         left = finished = False

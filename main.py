@@ -17,6 +17,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import platformdirs
 import psycopg
@@ -34,6 +35,7 @@ import database
 import handlers
 import history
 import metrics
+import ollama
 import toolbox
 from admission import Admission
 from admission import Limits as AdmissionLimits
@@ -42,9 +44,16 @@ from checks import ClientError
 from conversation import Chat, Limits
 from events import EventLog
 from leases import Leases
-from middleware import AccessLog, Authenticate, CloseUnreadBody, CrossOrigin, configure_logging
+from middleware import (
+    AccessLog,
+    Authenticate,
+    CloseUnreadBody,
+    CrossOrigin,
+    PassBodyThrough,
+    configure_logging,
+)
 from resume import Followers
-from servers import Server, Servers
+from servers import Server, Servers, without_credentials
 
 log = logging.getLogger("chatterd")
 
@@ -216,7 +225,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         leases = Leases(database_url, messages, config.conversation_wait, config.db_timeout)
         await leases.open()
         servers = Servers(
-            [Server(url, ollama_client(config, url)) for url in config.ollama_base_urls],
+            [ollama_server(config, url) for url in config.ollama_base_urls],
             config.ollama_check_seconds,
         )
         await servers.check_all()  # so that the first requests go where the models are
@@ -289,18 +298,28 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(10_000, 50, 100)  # from 700, 10, 10
 
 
-def ollama_client(config: Config, base_url: str) -> httpx.AsyncClient:
-    """httpx's client, on aiohttp's transport: about half the CPU per relayed line of
-    httpx's own (README, Performance). The limits go to the transport, which ignores the
-    client's."""
-    limits = httpx.Limits(
-        max_connections=config.ollama_max_connections, max_keepalive_connections=100
+def ollama_server(config: Config, url: str) -> Server:
+    """One Ollama server, with an aiohttp session of its own: its streamed generations go
+    over aiohttp directly (ollama.Streams), its checks through httpx's client on aiohttp's
+    transport (`httpx-aiohttp`), so that both share its connections and their limit."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=config.ollama_max_connections, ssl=httpx.create_ssl_context()
+        )
     )
-    return httpx.AsyncClient(
-        base_url=base_url,
+    http = httpx.AsyncClient(
+        base_url=url,
         timeout=httpx.Timeout(config.ollama_timeout, connect=config.ollama_connect_timeout),
-        transport=AiohttpTransport(limits=limits),
+        transport=AiohttpTransport(client=session),  # which closes the session with it
     )
+    streams = ollama.Streams(
+        url,
+        without_credentials(url),
+        session,
+        connect_timeout=config.ollama_connect_timeout,
+        timeout=config.ollama_timeout,
+    )
+    return Server(url, http, streams)
 
 
 async def supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:
@@ -391,6 +410,7 @@ server = Starlette(
         *paths("/playground", GET=handlers.playground),
     ],
     middleware=[
+        Middleware(PassBodyThrough),
         Middleware(CloseUnreadBody),
         Middleware(AccessLog),
         Middleware(CrossOrigin),

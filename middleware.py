@@ -2,8 +2,9 @@
 the access log with the request metrics, and closing a connection whose body was left
 unread.
 
-All are plain ASGI middleware, so streamed responses pass through untouched. They read
-their settings from the app's Config, which the lifespan puts on `app.state`.
+All are plain ASGI middleware, so streamed responses pass through untouched; a new
+reply's events even go past them (PassBodyThrough). They read their settings from the
+app's Config, which the lifespan puts on `app.state`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ OPEN_PATHS = ("/health", "/health/", "/playground", "/playground/")
 RESUME_PATHS = ("/llmchat", "/llmchat/", "/llmtools", "/llmtools/")
 METRICS_PATHS = ("/metrics", "/metrics/")
 NEEDS_KEY = "an API key is required: send the header Authorization: Bearer <key>"
+
+
+BODY_SEND = "chatterd.body_send"  # in the scope: PassBodyThrough's `send`
+
+
+class PassBodyThrough:
+    """Lets a response send its body past the layers inside this one, the outermost of ours.
+
+    Each layer that looks at a response wraps `send` (CloseUnreadBody, AccessLog, and
+    Starlette's own two around the route), so every event of a stream would go through
+    all of them, though they look only at the response's start. This one leaves its own
+    `send` in the scope; EventStream sends its events with it, once the start has gone
+    the whole way (README, Performance). A layer that must see bodies (compression, say)
+    goes outside this one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[BODY_SEND] = send
+        await self.app(scope, receive, send)
 
 
 class Authenticate:

@@ -31,7 +31,8 @@ CHECK_TIMEOUT_SECONDS = 5.0  # a server that takes longer to say what it has is 
 @dataclass(eq=False)
 class Server:
     url: str
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient  # for its checks
+    streams: ollama.Streams  # for its generations
     up: bool = True  # until a check or a generation finds otherwise
     models: frozenset[str] | None = None  # installed; None until a check has listed them
     loaded: frozenset[str] = frozenset()  # in memory now
@@ -43,14 +44,7 @@ class Server:
     @property
     def name(self) -> str:
         """The URL without its credentials, if it has any: for /health, logs and metrics."""
-        parts = urlsplit(self.url)
-        if parts.username is None and parts.password is None:
-            return self.url
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return without_credentials(self.url)
 
     def has(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -65,6 +59,17 @@ class Server:
             "in_flight": self.in_flight,
             **({"error": self.error} if self.error and not self.up else {}),
         }
+
+
+def without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class NoServer(Exception):

@@ -267,7 +267,7 @@ def test_behind_a_trusted_proxy_each_forwarded_address_is_a_client(
 
 
 def line_of(parallel: int, notice_seconds: float = 60):
-    servers = Servers([Server("http://ollama.invalid", http=None)], check_seconds=60)
+    servers = Servers([Server("http://ollama.invalid", http=None, streams=None)], check_seconds=60)
     limits = Limits(parallel, queue_max=100, queue_per_client=100, notice_seconds=notice_seconds)
     return servers.all[0], Admission(servers, limits)
 
@@ -333,7 +333,7 @@ def test_a_turns_later_round_is_never_refused_even_when_the_line_is_full():
     turn halfway."""
 
     async def scenario() -> None:
-        server = Server("http://ollama.invalid", http=None)
+        server = Server("http://ollama.invalid", http=None, streams=None)
         servers = Servers([server], check_seconds=60)
         admission = Admission(servers, Limits(1, queue_max=2, queue_per_client=1))
         await admission.acquire("a", MODEL)
