@@ -241,10 +241,11 @@ class Together:
                     continue  # each asker was cancelled meanwhile
                 try:
                     answers = await self._send([app_id for app_id, _ in batch])
-                except StoreError as exc:
-                    for _, answer in batch:  # each its own, for its own traceback
-                        if not answer.done():
-                            answer.set_exception(StoreError(str(exc)))
+                except Exception as exc:  # StoreError; anything else is a bug, told as it is
+                    for _, answer in batch:
+                        if not answer.done():  # each its own StoreError, for its traceback
+                            own = StoreError(str(exc)) if isinstance(exc, StoreError) else exc
+                            answer.set_exception(own)
                 else:
                     for app_id, answer in batch:
                         if not answer.done():
