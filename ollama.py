@@ -112,7 +112,7 @@ class Streams:
 
     They go over aiohttp directly: this is the relay's hot path, and httpx's streamed
     response, even on aiohttp's transport, passes each chunk through three more async
-    generators of its own (12% of the CPU per relayed event, README, Performance). The
+    generators of its own (6 to 13% of the CPU per relayed event, README, Performance). The
     server's small JSON calls stay on httpx (`model_names`, `version`), over the same
     aiohttp session: one pool of connections, one limit.
     """
