@@ -61,7 +61,7 @@ class Leases:
         self._ready = asyncio.Event()
         self._held: dict[str, Callable[[], None]] = {}  # appID -> tell its turn it was lost
         self._holder = uuid.uuid4()  # this worker, as written in the leases' rows
-        self._takes = Together(self._take_all)
+        self._takes = Together(self._take_all, abandoned=self._abandoned)
         self._releases = Together(self._let_go_all)
 
     async def open(self) -> None:
@@ -128,16 +128,14 @@ class Leases:
     async def _take(self, app_id: str) -> int | None:
         # A session's advisory locks are reentrant: this worker's own turns (and those
         # taking the lock right now) are kept apart here, so a batch never holds an appID
-        # twice.
+        # twice. A take whose turn is cancelled once its statement went out is let go of
+        # by the batch (`_abandoned`), when the statement has said whether it took it.
         if app_id in self._held:
             return None
         self._held[app_id] = _taking
         try:
             await self._wait_ready()
             return await self._takes.ask(app_id)
-        except asyncio.CancelledError:  # it may have been taken: let go of it, to be sure
-            await asyncio.shield(self._let_go(app_id))
-            raise
         finally:
             del self._held[app_id]
 
@@ -147,18 +145,35 @@ class Leases:
         except StoreError:
             pass  # the connection is gone, and the lock with it
 
+    def _abandoned(self, app_id: str, reply: int | None) -> None:
+        """A take's turn was cancelled while its statement was under way: if it took the
+        lease, let go of it (after the take, on the same connection)."""
+        if reply is not None:
+            self._releases.tell(app_id)
+
     async def _take_all(self, app_ids: list[str]) -> dict[str, int]:
         """Try the leases of these appIDs at once; the reply numbers of those taken."""
-        rows = await self._execute(
-            "WITH taken AS (SELECT appid FROM unnest(%(apps)b::text[]) AS appid"
-            " WHERE pg_try_advisory_lock(chatterd_lease_key(appid)))"
-            " INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
-            " SELECT appid, %(holder)s, 'infinity', 1 FROM taken ORDER BY appid"
-            " ON CONFLICT (appid) DO UPDATE"
-            " SET holder = EXCLUDED.holder, replies = lease.replies + 1"
-            " RETURNING appid, replies",
-            {"apps": app_ids, "holder": self._holder},
-        )
+        try:
+            rows = await self._execute(
+                "WITH taken AS (SELECT appid FROM unnest(%(apps)b::text[]) AS appid"
+                " WHERE pg_try_advisory_lock(chatterd_lease_key(appid)))"
+                " INSERT INTO conversation_leases AS lease (appid, holder, expires, replies)"
+                " SELECT appid, %(holder)s, 'infinity', 1 FROM taken"
+                " ON CONFLICT (appid) DO UPDATE"
+                " SET holder = EXCLUDED.holder, replies = lease.replies + 1"
+                " RETURNING appid, replies",
+                {"apps": app_ids, "holder": self._holder},
+            )
+        except StoreError:
+            # A refused statement is undone, but not the advisory locks it took: they are
+            # the session's. Let go of them, or these appIDs stay locked for good.
+            with contextlib.suppress(StoreError):
+                await self._execute(
+                    "SELECT pg_advisory_unlock(chatterd_lease_key(appid))"
+                    " FROM unnest(%b::text[]) AS appid",
+                    (app_ids,),
+                )
+            raise
         return dict(rows)
 
     async def _let_go_all(self, app_ids: list[str]) -> dict[str, None]:
@@ -219,17 +234,37 @@ class Together:
     many turns start or end together.
     """
 
-    def __init__(self, send: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[str]], Awaitable[dict[str, Any]]],
+        abandoned: Callable[[str, Any], None] = lambda app_id, answer: None,
+    ) -> None:
         self._send = send  # the statement: appIDs in, an answer for each (None if absent)
+        self._abandoned = abandoned  # an answer whose asker was cancelled meanwhile
         self._waiting: list[tuple[str, asyncio.Future[Any]]] = []
         self._sending: asyncio.Task[None] | None = None
 
     async def ask(self, app_id: str) -> Any:
+        """The answer of the next statement for this appID. Cancelled before that statement
+        goes out, it is left out of it; cancelled later, its answer goes to `abandoned`."""
+        answer = self._enqueue(app_id)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                self._abandoned(app_id, answer.result())  # answered as it was cancelled
+            raise
+
+    def tell(self, app_id: str) -> None:
+        """Have the appID in the next statement, without waiting for it."""
+        self._enqueue(app_id).add_done_callback(_ignore)
+
+    def _enqueue(self, app_id: str) -> asyncio.Future[Any]:
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append((app_id, answer))
-        if self._sending is None:
+        if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send_waiting())
-        return await answer
+        return answer
 
     async def _send_waiting(self) -> None:
         batch: list[tuple[str, asyncio.Future[Any]]] = []
@@ -244,11 +279,12 @@ class Together:
                 except Exception as exc:  # StoreError; anything else is a bug, told as it is
                     for _, answer in batch:
                         if not answer.done():  # each its own StoreError, for its traceback
-                            own = StoreError(str(exc)) if isinstance(exc, StoreError) else exc
-                            answer.set_exception(own)
+                            answer.set_exception(_own(exc))
                 else:
                     for app_id, answer in batch:
-                        if not answer.done():
+                        if answer.done():
+                            self._abandoned(app_id, answers.get(app_id))
+                        else:
                             answer.set_result(answers.get(app_id))
                 batch = []
         finally:
@@ -256,3 +292,16 @@ class Together:
             for _, answer in [*batch, *self._waiting]:  # cancelled itself: shutting down
                 answer.cancel()
             self._waiting = []
+
+
+def _own(exc: Exception) -> Exception:
+    if not isinstance(exc, StoreError):
+        return exc
+    own = StoreError(str(exc))
+    own.__cause__ = exc.__cause__
+    return own
+
+
+def _ignore(answer: asyncio.Future[Any]) -> None:
+    if not answer.cancelled():
+        answer.exception()  # retrieved: nobody waits for it

@@ -304,7 +304,9 @@ def ollama_server(config: Config, url: str) -> Server:
     transport (`httpx-aiohttp`), so that both share its connections and their limit."""
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=config.ollama_max_connections, ssl=httpx.create_ssl_context()
+            limit=config.ollama_max_connections,
+            keepalive_timeout=httpx.Limits().keepalive_expiry,  # 5 s, as httpx's
+            ssl=httpx.create_ssl_context(),
         )
     )
     http = httpx.AsyncClient(

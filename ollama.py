@@ -173,6 +173,7 @@ class Streams:
                 data=body,
                 headers={"Content-Type": "application/json"},
                 timeout=self._timeout,
+                allow_redirects=False,  # as httpx: a redirected POST would lose its body
             )
         except STREAM_FAILURES as exc:
             kind = "timed out" if isinstance(exc, TimeoutError) else "is unreachable"

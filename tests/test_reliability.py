@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from conftest import chatterd_env
 from sse import Streaming, chat_body, parse_events, post, stored, wait_until
@@ -247,6 +248,25 @@ def test_turns_that_start_together_each_hold_their_own_lease(
         ).fetchall()
     )
     assert counted == {app: 2 if app == apps[0] else 1 for app in apps}
+
+
+def test_a_lease_the_database_refuses_is_503_and_leaves_the_app_free(client, ollama, db, app_id):
+    """PostgreSQL undoes a refused statement, but not the advisory locks it took (they
+    are the session's): chatterd lets go of them, or the appID would stay locked."""
+    refuse = sql.SQL(
+        "ALTER TABLE conversation_leases ADD CONSTRAINT test_refused_lease CHECK (appid <> {})"
+    ).format(sql.Literal(app_id))
+    db.execute(refuse)
+    try:
+        refused = post(client, "/llmchat", chat_body(app_id, "hello?"))
+    finally:
+        db.execute("ALTER TABLE conversation_leases DROP CONSTRAINT test_refused_lease")
+    assert refused.status == 503
+    assert refused.body["error"].startswith("the database refused a lease")
+    held = db.execute("SELECT chatterd_lease_held(%s)", (app_id,)).fetchone()[0]
+    assert held is False  # seen from another session: no lock is left behind
+    assert stored(db, app_id) == []
+    assert post(client, "/llmchat", chat_body(app_id, "hello?")).status == 200
 
 
 def test_a_conversation_held_too_long_answers_409(
