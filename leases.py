@@ -168,11 +168,7 @@ class Leases:
             # A refused statement is undone, but not the advisory locks it took: they are
             # the session's. Let go of them, or these appIDs stay locked for good.
             with contextlib.suppress(StoreError):
-                await self._execute(
-                    "SELECT pg_advisory_unlock(chatterd_lease_key(appid))"
-                    " FROM unnest(%b::text[]) AS appid",
-                    (app_ids,),
-                )
+                await self._let_go_all(app_ids)
             raise
         return dict(rows)
 
