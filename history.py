@@ -118,49 +118,67 @@ class History:
             " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text)"
             " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier) AS rows"
         )
-        self._read_window = sql.SQL(window + read + " ORDER BY seq").format(role=role)
-        self._select_page = sql.SQL(
-            "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
-            " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
-        ).format(role=role)
-        rows = (  # binary arrays: psycopg's text arrays escape each quote with a regex
-            " SELECT %(app)s::text, * FROM unnest("
-            "%(roles)b::text[], %(contents)b::text[], %(thinking)b::text[],"
-            " %(calls)b::text[], %(names)b::text[], %(pending)b::boolean[])"
+        # Each statement rendered to text once: psycopg renders a Composed at every execute.
+        self._read_window = sql.SQL(window + read + " ORDER BY seq").format(role=role).as_string()
+        self._select_page = (
+            sql.SQL(
+                "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
+                " WHERE appid = %s AND NOT pending AND seq > %s ORDER BY seq LIMIT %s"
+            )
+            .format(role=role)
+            .as_string()
+        )
+        # The rows as one JSON parameter (_rows): psycopg dumps a list parameter element
+        # by element in Python, which cost more CPU than the rest of the statement.
+        rows = (
+            " SELECT %(app)s::text, role, message, thinking, toolcalls, toolname, %(pending)s"
+            " FROM json_to_recordset(%(rows)s::json) AS given("
+            "role text, message text, thinking text, toolcalls text, toolname text)"
         )
         columns = sql.SQL("chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)")
-        self._insert = sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq").format(
-            columns=columns.format(role=role)
+        self._insert = (
+            sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq")
+            .format(columns=columns.format(role=role))
+            .as_string()
         )
         # The same read, and the request's rows stored pending (the read does not see
         # them: one snapshot): the rows of part 1 are their seqs.
-        self._read_and_insert = sql.SQL(
-            window
-            + ", added AS (INSERT INTO {columns}"
-            + rows
-            + " RETURNING seq)"
-            + read
-            + " UNION ALL SELECT 1, seq, NULL, NULL, NULL, NULL, NULL FROM added"
-            " ORDER BY part, seq"
-        ).format(role=role, columns=columns.format(role=role))
+        self._read_and_insert = (
+            sql.SQL(
+                window
+                + ", added AS (INSERT INTO {columns}"
+                + rows
+                + " RETURNING seq)"
+                + read
+                + " UNION ALL SELECT 1, seq, NULL, NULL, NULL, NULL, NULL FROM added"
+                " ORDER BY part, seq"
+            )
+            .format(role=role, columns=columns.format(role=role))
+            .as_string()
+        )
         # A turn's last rows, the earlier ones made part of the conversation, and the
         # count of stored messages: one statement, so all or nothing. It is fenced by the
         # turn's reply number: if another turn has taken the lease since (this one lost
         # it without knowing yet), nothing is written.
-        self._complete = sql.SQL(
-            "WITH fence AS (SELECT 1 FROM conversation_leases"
-            " WHERE appid = %(app)s::text AND replies = %(reply)s),"
-            " added AS (INSERT INTO {columns}" + rows + " WHERE EXISTS (SELECT 1 FROM fence)"
-            " RETURNING seq),"
-            " made AS (UPDATE chatts SET pending = false"
-            " WHERE appid = %(app)s::text AND seq = ANY(%(turn)s) AND pending"
-            " AND EXISTS (SELECT 1 FROM fence) RETURNING seq),"
-            " sized AS (INSERT INTO conversation_sizes AS size (appid, messages)"
-            " SELECT %(app)s::text, (SELECT count(*) FROM added) + (SELECT count(*) FROM made)"
-            " WHERE EXISTS (SELECT 1 FROM fence)"
-            " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages)"
-            " SELECT EXISTS (SELECT 1 FROM fence)"
-        ).format(columns=columns.format(role=role))
+        self._complete = (
+            sql.SQL(
+                "WITH fence AS (SELECT 1 FROM conversation_leases"
+                " WHERE appid = %(app)s::text AND replies = %(reply)s),"
+                " added AS (INSERT INTO {columns}" + rows + " WHERE EXISTS (SELECT 1 FROM fence)"
+                " RETURNING seq),"
+                " made AS (UPDATE chatts SET pending = false"
+                " WHERE appid = %(app)s::text AND pending"
+                " AND seq IN (SELECT value::bigint FROM json_array_elements_text(%(turn)s::json))"
+                " AND EXISTS (SELECT 1 FROM fence) RETURNING seq),"
+                " sized AS (INSERT INTO conversation_sizes AS size (appid, messages)"
+                " SELECT %(app)s::text, (SELECT count(*) FROM added) + (SELECT count(*) FROM made)"
+                " WHERE EXISTS (SELECT 1 FROM fence)"
+                " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages)"
+                " SELECT EXISTS (SELECT 1 FROM fence)"
+            )
+            .format(columns=columns.format(role=role))
+            .as_string()
+        )
         self._count = sql.SQL(
             "INSERT INTO conversation_sizes AS size (appid, messages)"
             " SELECT %(app)s::text, count(*) FROM chatts"
@@ -232,8 +250,8 @@ class History:
                     {
                         "app": app_id,
                         "reply": reply,
-                        "turn": turn,
-                        **_columns(messages, pending=False),
+                        "turn": json.dumps(turn),
+                        **_rows(messages, pending=False),
                     },
                 )
                 fenced = await cursor.fetchone()
@@ -315,9 +333,7 @@ class History:
         """Store messages as pending rows, in one statement; return their seqs, in order."""
         if not messages:
             return []
-        cursor = await conn.execute(
-            self._insert, {"app": app_id, **_columns(messages, pending=True)}
-        )
+        cursor = await conn.execute(self._insert, {"app": app_id, **_rows(messages, pending=True)})
         return sorted(row[0] for row in await cursor.fetchall())  # seqs grow row by row
 
     async def _read(
@@ -338,7 +354,7 @@ class History:
             {
                 "app": app_id,
                 "window": window,
-                **_columns([(m, None) for m in incoming], pending=True),
+                **_rows([(m, None) for m in incoming], pending=True),
             },
         )
         rows = await cursor.fetchall()
@@ -404,19 +420,19 @@ def latest(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list({tool["function"]["name"]: tool for tool in tools}.values())
 
 
-def _columns(messages: list[tuple[Message, str | None]], *, pending: bool) -> dict[str, Any]:
-    """Messages as the column arrays the insert statements unnest."""
-    return {
-        "roles": [message.role for message, _ in messages],
-        "contents": [storable(message.content) for message, _ in messages],
-        "thinking": [storable(thinking) or None for _, thinking in messages],
-        "calls": [
-            json.dumps(message.tool_calls) if message.tool_calls else None
-            for message, _ in messages
-        ],
-        "names": [storable(message.tool_name) for message, _ in messages],
-        "pending": [pending] * len(messages),
-    }
+def _rows(messages: list[tuple[Message, str | None]], *, pending: bool) -> dict[str, Any]:
+    """Messages as the JSON rows the insert statements read (json_to_recordset)."""
+    rows = [
+        {
+            "role": message.role,
+            "message": storable(message.content),
+            "thinking": storable(thinking) or None,
+            "toolcalls": json.dumps(message.tool_calls) if message.tool_calls else None,
+            "toolname": storable(message.tool_name),
+        }
+        for message, thinking in messages
+    ]
+    return {"rows": json.dumps(rows), "pending": pending}
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone UTF-16 surrogates
