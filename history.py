@@ -129,7 +129,7 @@ class History:
             .as_string()
         )
         # The rows as one JSON parameter (_rows): psycopg dumps a list parameter element
-        # by element in Python, which cost more CPU than the rest of the statement.
+        # by element in Python and scans it for its type, a third of the statement's CPU.
         rows = (
             " SELECT %(app)s::text, role, message, thinking, toolcalls, toolname, %(pending)s"
             " FROM json_to_recordset(%(rows)s::json) AS given("
