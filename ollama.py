@@ -134,6 +134,7 @@ class Streams:
         self._timeout = aiohttp.ClientTimeout(
             sock_connect=connect_timeout, sock_read=timeout, connect=timeout
         )
+        self.timeout = timeout
 
     async def open(self, path: str, body: bytes) -> Opened:
         """POST a generation and wait for its first line.
@@ -149,19 +150,17 @@ class Streams:
             async for chunk in raw:
                 first += chunk
                 if b"\n" in chunk:
-                    return Opened(response, raw, first)
+                    return Opened(response, raw, first, self.timeout)
         except STREAM_FAILURES as exc:
             response.close()
             raise OllamaError(
-                502,
-                f"the connection to Ollama broke before its first line: {type(exc).__name__}",
-                retry_elsewhere=True,
+                502, broken(exc, "before its first line", self.timeout), retry_elsewhere=True
             ) from exc
         except BaseException:  # cancelled: a stop, or shutdown
             response.close()
             raise
         if first.strip():  # one line without its newline, and the end
-            return Opened(response, raw, first)
+            return Opened(response, raw, first, self.timeout)
         response.close()
         raise OllamaError(502, "Ollama's stream ended before its first line", retry_elsewhere=True)
 
@@ -209,11 +208,16 @@ class Opened:
     """A streamed answer of Ollama's whose first line has arrived: the generation has begun."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, raw: AsyncIterator[bytes], first: bytes
+        self,
+        response: aiohttp.ClientResponse,
+        raw: AsyncIterator[bytes],
+        first: bytes,
+        timeout: float,
     ) -> None:
         self._response = response
         self._raw = raw  # the rest of the body, as it comes
         self._first = first  # what was read before: at least one whole line
+        self._timeout = timeout  # for the error of a stream that goes silent
 
     @property
     def content_type(self) -> str:
@@ -226,7 +230,7 @@ class Opened:
             async for chunk in self._raw:
                 yield chunk
         except STREAM_FAILURES as exc:
-            raise broke_off(exc) from exc
+            raise OllamaError(502, broken(exc, "mid-stream", self._timeout)) from exc
 
     async def lines(self) -> AsyncIterator[bytes]:
         """The answer's NDJSON lines, each exactly as Ollama wrote it (as bytes).
@@ -243,7 +247,7 @@ class Opened:
                 for line in lines:
                     yield line
         except STREAM_FAILURES as exc:
-            raise broke_off(exc) from exc
+            raise OllamaError(502, broken(exc, "mid-stream", self._timeout)) from exc
         if rest.strip():
             yield rest
 
@@ -254,8 +258,12 @@ class Opened:
         await self._response.wait_for_close()
 
 
-def broke_off(exc: BaseException) -> OllamaError:
-    return OllamaError(502, f"the connection to Ollama broke mid-stream: {type(exc).__name__}")
+def broken(exc: BaseException, when: str, timeout: float) -> str:
+    """Why a stream could not be read on: it went silent past the timeout (aiohttp's
+    `sock_read`), or its connection broke."""
+    if isinstance(exc, TimeoutError):
+        return f"Ollama said nothing {when} for {timeout:g} s (CHATTERD_OLLAMA_TIMEOUT)"
+    return f"the connection to Ollama broke {when}: {type(exc).__name__}"
 
 
 async def model_names(client: httpx.AsyncClient, path: str) -> frozenset[str]:

@@ -345,6 +345,36 @@ def test_ollama_silent_past_the_timeout_is_502(
     assert stored(db, app_id) == []
 
 
+def test_ollama_silent_mid_stream_past_the_timeout_ends_the_stream_with_an_error(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_OLLAMA_TIMEOUT": "1",
+    }
+    server = start_chatterd(env)
+    ollama.script = lambda received: Stream(
+        [
+            chat_line("gemma3:270m", "Half "),
+            chat_line("gemma3:270m", "of it"),
+            done_line("gemma3:270m"),
+        ],
+        hold_after=1,  # then silent, as a model stuck after its first token
+    )
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/llmchat", json=chat_body(app_id, "hello?"))
+
+    assert response.status_code == 200
+    *relayed, error = parse_events(response.text)
+    assert [event.json()["message"]["content"] for event in relayed] == ["Half "]
+    assert error.event == "error"
+    assert error.json() == {
+        "error": "Ollama said nothing mid-stream for 1 s (CHATTERD_OLLAMA_TIMEOUT)"
+    }
+    wait_until(lambda: ollama.abandoned == 1, what="chatterd to close Ollama's stream")
+    assert stored(db, app_id) == []
+
+
 def test_a_slow_weather_service_is_told_to_the_model(
     start_chatterd, database_url, ollama, meteo, app_id
 ):
