@@ -11,8 +11,9 @@ message (`handle`). A message is `<kind> <payload>`:
 A message goes out with `send`, or with `pg_notify(bus.channel, message)` in a statement
 of the sender's own (the event log's write, a lease's release).
 While the listening connection is down, messages are missed: every watcher is woken when
-it is back, so that each looks again for itself. Its coming back is also the sign that the
-database is back (`back`), sooner than the pool's own back-off would find out. The
+it is back, so that each looks again for itself. Its loss and its coming back are also the
+signs that the database went away (`lost`) and is back (`back`), sooner than the pool's
+own back-off would find out. The
 channel is named after the schema, so that chatterds on other schemas of the same database
 don't hear each other.
 """
@@ -46,6 +47,7 @@ class Bus:
         self._watchers: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._handlers: dict[str, Callable[[str], None]] = {}
         self.listening = asyncio.Event()
+        self.lost = asyncio.Event()  # set when the database goes away
         self.back = asyncio.Event()  # set when the database is back after an outage
 
     async def open(self) -> None:
@@ -104,6 +106,7 @@ class Bus:
             except psycopg.Error as exc:
                 if self.listening.is_set():
                     log.warning("lost the database's notifications: %s", reason(exc))
+                    self.lost.set()
                 self.listening.clear()
                 lost = True
                 await asyncio.sleep(RECONNECT_SECONDS)

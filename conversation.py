@@ -1,11 +1,12 @@
 """The chat pipeline shared by /llmchat and /llmtools.
 
 A request flows one way: it waits for its appID's lease (one turn at a time per
-conversation, leases.py); its messages are stored and the newest history read back; the
-history, within the context budget (budget.py), goes to Ollama through the admission
+conversation, leases.py); the newest history is read, and the request's messages put after
+it; that, within the context budget (budget.py), goes to Ollama through the admission
 queue (admission.py), which also picks the server; each line Ollama streams is relayed to
-the client as it arrives; the reply is stored. On /llmtools the model's tool calls are
-answered (tooluse.py) or forwarded to the app, and the model is asked again.
+the client as it arrives; the whole turn is stored, the request with its reply. On
+/llmtools the model's tool calls are answered (tooluse.py) or forwarded to the app, and
+the model is asked again.
 
 The pipeline runs as a task of its own that writes events to an Outbox (outbox.py), which
 the HTTP response reads and the event log keeps. A client that goes away therefore stops
@@ -13,10 +14,10 @@ nothing: the reply is still completed and stored, so the next request sees a who
 history. What stops a turn is its stop button (TurnControl), pressed by
 POST /conversations/{appID}/stop on whichever worker the turn runs.
 
-A turn is all or nothing: when it fails (Ollama refuses or breaks off, a line is not JSON,
-the database refuses the reply or its lease is lost), the rows it wrote are removed
-again, so the stored conversation is as it was before the request. A stopped turn keeps
-what was said.
+A turn is all or nothing: it is stored in one statement once it is over, so when it fails
+(Ollama refuses or breaks off, a line is not JSON, the database refuses the reply or its
+lease is lost) the stored conversation stays as it was before the request. A stopped
+turn keeps what was said.
 """
 
 from __future__ import annotations
@@ -269,8 +270,7 @@ class Chat:
             outbox.close()
 
     async def _turn(self, request: ChatRequest, outbox: Outbox, control: TurnControl) -> None:
-        """One turn, all or nothing: on failure the rows it wrote are removed again."""
-        stored: list[int] = []  # grows as the turn writes rows; _converse appends to it
+        """One turn, all or nothing: it is stored only once it is over (_complete)."""
         try:
             turn = await self.history.record(
                 request.app_id,
@@ -279,15 +279,10 @@ class Chat:
                 window=self.limits.history_messages,
                 with_tools=request.with_tools,
             )
-            stored = turn.stored
             await self._converse(request, turn, outbox, control)
         except (OllamaError, StoreError, StreamError, NoServer, Shed) as exc:
-            await self._undo(request.app_id, stored)
             metrics.error(error_kind(exc))
             outbox.fail(exc.status, str(exc), getattr(exc, "retry_after", None))
-        except BaseException:
-            await asyncio.shield(self._undo(request.app_id, stored))
-            raise
 
     async def _converse(
         self, request: ChatRequest, turn: Turn, outbox: Outbox, control: TurnControl
@@ -301,7 +296,8 @@ class Chat:
         )
         window = budget.context_window(request.ollama_fields, self.limits.context_window)
         limit = Budget(self.limits.history_messages, self.limits.history_tokens or window * 3 // 4)
-        messages, new, stored = turn.history, turn.new, turn.stored
+        messages, new = turn.history, turn.new
+        said: list[tuple[Message, str | None]] = []  # the tool rounds' rows, stored at the end
         told = 0  # how many left-out messages the client has been told of
         for round_number in itertools.count():
             if round_number == self.limits.max_rounds and not tools.withdrawn:
@@ -335,22 +331,23 @@ class Chat:
                 )
             except Stopped:
                 if round_number == 0 and not reply.began:  # it never reached Ollama
-                    await self._undo(request.app_id, stored)
                     self._end_stopped(request, outbox, "waiting")
                     return
                 rows = [(reply.spoken(), reply.thinking)] if reply.began else []
-                await self._complete(request, control, rows, stored)
+                await self._complete(request, control, turn, [*said, *rows])
                 self._end_stopped(request, outbox, "running")
                 return
             if reply.tool_calls and not offered:  # called anyway: nothing is run
                 tools.tell_ignored_calls(reply.tool_calls)
-                await self._complete(request, control, [(reply.spoken(), reply.thinking)], stored)
+                await self._complete(
+                    request, control, turn, [*said, (reply.spoken(), reply.thinking)]
+                )
                 return
             if not reply.tool_calls:
                 if round_number and not reply.content.strip():
                     tools.tell_empty_reply(round_number)
                 await self._complete(
-                    request, control, [(reply.as_message(), reply.thinking)], stored
+                    request, control, turn, [*said, (reply.as_message(), reply.thinking)]
                 )
                 return
             call = reply.as_message()
@@ -362,20 +359,19 @@ class Chat:
                     Message("tool", STOPPED_TOOL, tool_name=function_name(c)) for c in answered
                 ]
                 rows = [(call, reply.thinking), *((result, None) for result in results)]
-                await self._complete(request, control, rows, stored)
+                await self._complete(request, control, turn, [*said, *rows])
                 self._end_stopped(request, outbox, "running")
                 return
-            rows = [(call, reply.thinking), *((result, None) for result in results)]
+            said += [(call, reply.thinking), *((result, None) for result in results)]
             if held:
                 # Device calls: the app runs them and posts the results as a new request,
                 # which must find the call stored; so the events go out only now.
-                await self._complete(request, control, rows, stored)
+                await self._complete(request, control, turn, said)
                 for _, event, data in held:
                     outbox.send(event, data)
                 return
             metrics.tool_round()
-            control.check()
-            stored += await self.history.append(request.app_id, rows)
+            control.check()  # a turn that lost its lease goes no further
             messages = [*messages, call, *results]
             new += 1 + len(results)
 
@@ -383,12 +379,12 @@ class Chat:
         self,
         request: ChatRequest,
         control: TurnControl,
+        turn: Turn,
         rows: list[tuple[Message, str | None]],
-        stored: list[int],
     ) -> None:
-        """Store the turn's last rows and make the whole turn part of the conversation."""
+        """Store the whole turn: the request's messages, then what the model and tools said."""
         control.check()  # a turn that lost its lease must not store
-        await self.history.complete(request.app_id, control.reply, rows, stored)
+        await self.history.complete(request.app_id, control.reply, turn, rows)
 
     def _end_stopped(self, request: ChatRequest, outbox: Outbox, state: str) -> None:
         metrics.stopped(state)
@@ -491,12 +487,6 @@ class Chat:
         if not reply.done:
             raise StreamError("Ollama's stream ended before its last (done) line")
         return held
-
-    async def _undo(self, app_id: str, stored: list[int]) -> None:
-        try:
-            await self.history.remove(app_id, stored)
-        except StoreError as exc:
-            log.error("could not undo a failed turn for an app: %s", exc)
 
 
 def error_kind(exc: Exception) -> str:

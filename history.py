@@ -3,9 +3,10 @@
 Every method takes a pooled connection for its own statements and gives it back before
 returning, so no connection is ever held while the model is talking.
 
-A turn's rows are written as `pending` and become part of the conversation only when the
-turn completes (`complete`), in one transaction with its last rows. Pending rows are
-never read as history; those a dead process left behind are removed by the next turn.
+A turn is read at its start (`record`) and written only when it completes (`complete`):
+the request's messages and every row of the reply, in one statement, so a turn that fails
+or dies leaves nothing to undo. (Rows marked `pending`, which earlier versions wrote
+while a turn ran, are never read as history, and the next turn removes them.)
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ from ollama import ROLES, Message, function_name
 
 @dataclass
 class Turn:
-    """A conversation as it stands once a request's messages are stored."""
+    """A conversation as it stands with a request's messages, which are not stored yet."""
 
     history: list[Message]  # the newest stored messages, then this request's
     new: int  # how many of them are this request's (the last ones)
     unread: int  # older stored messages left unread: beyond the window asked for
     device_tools: list[dict[str, Any]]
-    stored: list[int]  # seq of each row this request wrote, so a failed turn can be undone
+    asked_at: datetime  # the database's time when the request was read: its rows' `time`
+
+    @property
+    def asked(self) -> list[Message]:
+        """The request's messages, as they are stored (tool calls settled)."""
+        return self.history[len(self.history) - self.new :]
 
 
 @dataclass
@@ -91,11 +97,9 @@ def _call_names(message: Message) -> list[str]:
 
 
 class History:
-    """The store's statements. Each is one round trip where it can be: a turn costs a
-    statement to read the history and store the request (two when it carries tool
-    results, whose names come from the stored calls, or leaves calls unanswered; one more
-    on /llmtools, which also reads the device tools), one per tool round, and one to
-    complete it."""
+    """The store's statements. A turn costs two round trips: one to read the history (one
+    more on /llmtools, which also stores and reads the device tools), and one to store
+    the whole turn once it is over, however many tool rounds it took."""
 
     def __init__(self, pool: AsyncConnectionPool, role_column: str) -> None:
         self.pool = pool
@@ -113,10 +117,15 @@ class History:
             " WHERE appid = %(app)s::text AND NOT pending AND {role} = 'system'"
             " AND seq < (SELECT min(seq) FROM recent))"
         )
+        # Then one more row, last (its seq is NULL): the kept count of stored messages,
+        # and the time, which the request's rows get when they are stored (`time`'s
+        # default, were they stored now).
         read = (
-            " SELECT 0 AS part, seq, role, message, toolcalls, toolname,"
-            " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text)"
-            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier) AS rows"
+            " SELECT seq, role, message, toolcalls, toolname,"
+            " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text),"
+            " localtimestamp"
+            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier"
+            " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL) AS rows"
         )
         # Each statement rendered to text once: psycopg renders a Composed at every execute.
         self._read_window = sql.SQL(window + read + " ORDER BY seq").format(role=role).as_string()
@@ -128,55 +137,29 @@ class History:
             .format(role=role)
             .as_string()
         )
-        # The rows as one JSON parameter (_rows): psycopg dumps a list parameter element
-        # by element in Python and scans it for its type, a third of the statement's CPU.
-        rows = (
-            " SELECT %(app)s::text, role, message, thinking, toolcalls, toolname, %(pending)s"
-            " FROM json_to_recordset(%(rows)s::json) AS given("
-            "role text, message text, thinking text, toolcalls text, toolname text)"
-        )
-        columns = sql.SQL("chatts (appid, {role}, message, thinking, toolcalls, toolname, pending)")
-        self._insert = (
-            sql.SQL("INSERT INTO {columns}" + rows + " RETURNING seq")
-            .format(columns=columns.format(role=role))
-            .as_string()
-        )
-        # The same read, and the request's rows stored pending (the read does not see
-        # them: one snapshot): the rows of part 1 are their seqs.
-        self._read_and_insert = (
-            sql.SQL(
-                window
-                + ", added AS (INSERT INTO {columns}"
-                + rows
-                + " RETURNING seq)"
-                + read
-                + " UNION ALL SELECT 1, seq, NULL, NULL, NULL, NULL, NULL FROM added"
-                " ORDER BY part, seq"
-            )
-            .format(role=role, columns=columns.format(role=role))
-            .as_string()
-        )
-        # A turn's last rows, the earlier ones made part of the conversation, and the
-        # count of stored messages: one statement, so all or nothing. It is fenced by the
-        # turn's reply number: if another turn has taken the lease since (this one lost
-        # it without knowing yet), nothing is written.
+        # The whole turn, and the count of stored messages: one statement, so all or
+        # nothing. The rows come as one JSON parameter (_rows): psycopg dumps a list
+        # parameter element by element in Python, a third of the statement's CPU. Rows
+        # in the order given get growing seqs. It is fenced by the turn's reply number:
+        # if another turn has taken the lease since (this one lost it without knowing
+        # yet), nothing is written.
         self._complete = (
             sql.SQL(
                 "WITH fence AS (SELECT 1 FROM conversation_leases"
                 " WHERE appid = %(app)s::text AND replies = %(reply)s),"
-                " added AS (INSERT INTO {columns}" + rows + " WHERE EXISTS (SELECT 1 FROM fence)"
-                " RETURNING seq),"
-                " made AS (UPDATE chatts SET pending = false"
-                " WHERE appid = %(app)s::text AND pending"
-                " AND seq IN (SELECT value::bigint FROM json_array_elements_text(%(turn)s::json))"
-                " AND EXISTS (SELECT 1 FROM fence) RETURNING seq),"
+                " added AS (INSERT INTO chatts"
+                " (appid, {role}, message, thinking, toolcalls, toolname, time)"
+                " SELECT %(app)s::text, role, message, thinking, toolcalls, toolname,"
+                " coalesce(given.time, localtimestamp)"
+                " FROM json_to_recordset(%(rows)s::json) AS given(role text, message text,"
+                " thinking text, toolcalls text, toolname text, time timestamp)"
+                " WHERE EXISTS (SELECT 1 FROM fence) RETURNING seq),"
                 " sized AS (INSERT INTO conversation_sizes AS size (appid, messages)"
-                " SELECT %(app)s::text, (SELECT count(*) FROM added) + (SELECT count(*) FROM made)"
-                " WHERE EXISTS (SELECT 1 FROM fence)"
+                " SELECT %(app)s::text, count(*) FROM added HAVING EXISTS (SELECT 1 FROM fence)"
                 " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages)"
                 " SELECT EXISTS (SELECT 1 FROM fence)"
             )
-            .format(columns=columns.format(role=role))
+            .format(role=role)
             .as_string()
         )
         self._count = sql.SQL(
@@ -196,63 +179,40 @@ class History:
         *,
         with_tools: bool,
     ) -> Turn:
-        """Store a request's messages (and device tools) and read back the conversation.
+        """Read the conversation, with a request's messages after it (and store the device
+        tools the request declares).
 
         Reads the newest `window` stored messages and every system message before them,
         and, on /llmtools, the app's device tools. The caller holds the conversation's
-        lease, so pending rows are a dead turn's. The request's rows are stored pending:
-        if a later statement fails, the next turn clears them.
+        lease, so pending rows are a dead turn's of an earlier version: they are removed.
+        The request's messages are stored with the turn (`complete`).
         """
         try:
             async with self.pool.connection() as conn:
-                if any(message.role == "tool" for message in incoming):
-                    # Results of device calls: their names come from the stored calls.
-                    history, total = await self._read(conn, app_id, window)
-                    incoming = settle_tool_calls(history, incoming)
-                    stored = await self._insert_rows(conn, app_id, [(m, None) for m in incoming])
-                else:  # the common case: read and store in one round trip
-                    history, total, stored = await self._read_and_store(
-                        conn, app_id, window, incoming
-                    )
-                    settled = settle_tool_calls(history, incoming)
-                    if len(settled) != len(incoming):  # calls the app left unanswered
-                        await self._delete_pending(conn, app_id, stored)
-                        incoming = settled  # their results go first
-                        stored = await self._insert_rows(
-                            conn, app_id, [(m, None) for m in incoming]
-                        )
+                cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
+                *read, (*_, kept, asked_at) = await cursor.fetchall()
+                total = await self._total(conn, app_id, read, kept)
                 tools = await self._device_tools(conn, app_id, device_tools) if with_tools else []
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the request: {reason(exc)}") from exc
-        return Turn([*history, *incoming], len(incoming), total - len(history), tools, stored)
-
-    async def append(self, app_id: str, messages: list[tuple[Message, str | None]]) -> list[int]:
-        """Store a turn's messages, each with the model's thinking (or None); return their seqs."""
-        try:
-            async with self.pool.connection() as conn:
-                return await self._insert_rows(conn, app_id, messages)
-        except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
+            raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
+        history = [_message(row[1:5]) for row in read]
+        # Results of device calls get their names from the stored calls; calls the app
+        # left unanswered get a result saying so.
+        asked = settle_tool_calls(history, incoming)
+        return Turn([*history, *asked], len(asked), total - len(history), tools, asked_at)
 
     async def complete(
-        self,
-        app_id: str,
-        reply: int,
-        messages: list[tuple[Message, str | None]],
-        turn: list[int],
+        self, app_id: str, reply: int, turn: Turn, messages: list[tuple[Message, str | None]]
     ) -> None:
-        """Store a turn's last messages and make the whole turn part of the conversation,
-        unless the turn (reply number `reply`) no longer holds the appID's lease."""
+        """Store a turn: the request's messages, then the turn's `messages`, each with the
+        model's thinking (or None); unless the turn (reply number `reply`) no longer holds
+        the appID's lease."""
+        rows = [(message, None, turn.asked_at) for message in turn.asked]
+        rows += [(message, thinking, None) for message, thinking in messages]
         try:
             async with self.pool.connection() as conn:
                 cursor = await conn.execute(
-                    self._complete,
-                    {
-                        "app": app_id,
-                        "reply": reply,
-                        "turn": json.dumps(turn),
-                        **_rows(messages, pending=False),
-                    },
+                    self._complete, {"app": app_id, "reply": reply, "rows": _rows(rows)}
                 )
                 fenced = await cursor.fetchone()
         except psycopg.Error as exc:
@@ -262,20 +222,6 @@ class History:
                 "another request for this appID took the conversation over; the reply was"
                 " not stored"
             )
-
-    async def remove(self, app_id: str, seqs: list[int]) -> None:
-        """Delete the rows a failed turn wrote, so the conversation is as it was before it.
-
-        Only rows still pending: a turn whose last statement did complete it (its answer
-        lost on the way back) keeps it whole rather than losing its question.
-        """
-        if not seqs:
-            return
-        try:
-            async with self.pool.connection() as conn:
-                await self._delete_pending(conn, app_id, seqs)
-        except psycopg.Error as exc:
-            raise StoreError(f"the database could not undo the turn: {reason(exc)}") from exc
 
     async def status(self) -> dict[str, Any]:
         """Whether the database answers, and how many pooled connections are in use."""
@@ -324,64 +270,20 @@ class History:
         except psycopg.Error as exc:
             raise StoreError(f"the database could not delete it: {reason(exc)}") from exc
 
-    async def _insert_rows(
+    async def _total(
         self,
         conn: psycopg.AsyncConnection[Any],
         app_id: str,
-        messages: list[tuple[Message, str | None]],
-    ) -> list[int]:
-        """Store messages as pending rows, in one statement; return their seqs, in order."""
-        if not messages:
-            return []
-        cursor = await conn.execute(self._insert, {"app": app_id, **_rows(messages, pending=True)})
-        return sorted(row[0] for row in await cursor.fetchall())  # seqs grow row by row
-
-    async def _read(
-        self, conn: psycopg.AsyncConnection[Any], app_id: str, window: int
-    ) -> tuple[list[Message], int]:
-        """The history's window (see _read_window) and how many messages are stored."""
-        cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
-        rows = await cursor.fetchall()
-        history = [_message(row[2:6]) for row in rows]
-        return history, await self._total(conn, app_id, rows)
-
-    async def _read_and_store(
-        self, conn: psycopg.AsyncConnection[Any], app_id: str, window: int, incoming: list[Message]
-    ) -> tuple[list[Message], int, list[int]]:
-        """The history's window, the count, and the seqs of `incoming`, stored pending."""
-        cursor = await conn.execute(
-            self._read_and_insert,
-            {
-                "app": app_id,
-                "window": window,
-                **_rows([(m, None) for m in incoming], pending=True),
-            },
-        )
-        rows = await cursor.fetchall()
-        read = [row for row in rows if row[0] == 0]
-        history = [_message(row[2:6]) for row in read]
-        stored = [row[1] for row in rows if row[0] == 1]  # in order: ORDER BY part, seq
-        return history, await self._total(conn, app_id, read), stored
-
-    async def _total(
-        self, conn: psycopg.AsyncConnection[Any], app_id: str, read: list[tuple[Any, ...]]
+        read: list[tuple[Any, ...]],
+        kept: int | None,
     ) -> int:
-        """How many messages are stored, from the window's rows; counted when not yet kept."""
+        """How many messages are stored: the `kept` count, or counted when there is none."""
         if not read:
             return 0  # nothing stored: a new conversation
-        total = read[0][6]
-        if total is None:  # not counted yet: a tutorial's conversation, say
+        if kept is None:  # not counted yet: a tutorial's conversation, say
             cursor = await conn.execute(self._count, {"app": app_id})
-            total = (await cursor.fetchone() or (0,))[0]
-        return total
-
-    async def _delete_pending(
-        self, conn: psycopg.AsyncConnection[Any], app_id: str, seqs: list[int]
-    ) -> None:
-        """Delete those of the rows that are still pending."""
-        await conn.execute(
-            "DELETE FROM chatts WHERE appid = %s AND seq = ANY(%s) AND pending", (app_id, seqs)
-        )
+            kept = (await cursor.fetchone() or (0,))[0]
+        return kept
 
     async def _device_tools(
         self,
@@ -420,19 +322,22 @@ def latest(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list({tool["function"]["name"]: tool for tool in tools}.values())
 
 
-def _rows(messages: list[tuple[Message, str | None]], *, pending: bool) -> dict[str, Any]:
-    """Messages as the JSON rows the insert statements read (json_to_recordset)."""
-    rows = [
-        {
-            "role": message.role,
-            "message": storable(message.content),
-            "thinking": storable(thinking) or None,
-            "toolcalls": json.dumps(message.tool_calls) if message.tool_calls else None,
-            "toolname": storable(message.tool_name),
-        }
-        for message, thinking in messages
-    ]
-    return {"rows": json.dumps(rows), "pending": pending}
+def _rows(rows: list[tuple[Message, str | None, datetime | None]]) -> str:
+    """Rows (a message, its thinking, its time or None for now) as the JSON the statement
+    reads (json_to_recordset)."""
+    return json.dumps(
+        [
+            {
+                "role": message.role,
+                "message": storable(message.content),
+                "thinking": storable(thinking) or None,
+                "toolcalls": json.dumps(message.tool_calls) if message.tool_calls else None,
+                "toolname": storable(message.tool_name),
+                "time": time.isoformat() if time else None,
+            }
+            for message, thinking, time in rows
+        ]
+    )
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone UTF-16 surrogates

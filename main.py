@@ -338,13 +338,18 @@ async def supervised(name: str, work: Callable[[], Awaitable[None]]) -> None:
 async def refill_when_back(
     pool: AsyncConnectionPool, checked: database.RecentCheck, messages: Bus
 ) -> None:
-    """When the database is back after an outage, have the pool connect at once: its own
-    back-off doubles from one second and can wait as long as the outage lasted. And check
-    every pooled connection again: those from before the outage are dead.
+    """Check every pooled connection again when it is next handed out, from the moment the
+    database goes away: those from before the outage are dead, however recently they were
+    used, and a request may come before the bus sees the database back. When it is back,
+    have the pool connect at once: its own back-off doubles from one second and can wait
+    as long as the outage lasted.
 
     Growing the pool by one asks for a connection now; the extra one idles out later.
     """
     while True:
+        await messages.lost.wait()
+        messages.lost.clear()
+        checked.forget()
         await messages.back.wait()
         messages.back.clear()
         checked.forget()

@@ -46,6 +46,21 @@ def test_the_conversation_is_listed_in_order_with_its_tool_calls(client, ollama,
     assert times == sorted(times) and all(t.utcoffset().total_seconds() == 0 for t in times)
 
 
+def test_a_question_is_dated_when_it_was_asked_and_its_reply_when_it_was_said(
+    client, ollama, app_id
+):
+    """The turn is stored once it is over, the question with the time it came."""
+    ollama.script = lambda received: Stream(
+        [chat_line(MODEL, "Slowly"), chat_line(MODEL, " said."), done_line(MODEL)], gap=0.2
+    )
+    post(client, "/llmchat", chat_body(app_id, "Take your time", model=MODEL))
+
+    messages = client.get(f"/conversations/{app_id}").json()["messages"]
+
+    asked, said = (datetime.fromisoformat(m["created_at"]) for m in messages)
+    assert (said - asked).total_seconds() >= 0.4  # the reply's three lines, 0.2 s apart
+
+
 def test_a_long_conversation_comes_a_page_at_a_time(client, app_id):
     sent = [f"message {i}" for i in range(7)]
     post(client, "/llmchat", chat_body(app_id, *sent))

@@ -44,7 +44,7 @@ def lines_of(data: bytes, cuts: list[int]) -> list[bytes]:
     async def read() -> list[bytes]:
         pieces = chunks(data, cuts)
         first = await anext(pieces)
-        return [line async for line in Opened(None, pieces, first).lines()]  # type: ignore[arg-type]
+        return [line async for line in Opened(None, pieces, first, 1.0).lines()]  # type: ignore[arg-type]
 
     return asyncio.run(read())
 
