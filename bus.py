@@ -13,9 +13,8 @@ of the sender's own (the event log's write, a lease's release).
 While the listening connection is down, messages are missed: every watcher is woken when
 it is back, so that each looks again for itself. Its loss and its coming back are also the
 signs that the database went away (`lost`) and is back (`back`), sooner than the pool's
-own back-off would find out. The
-channel is named after the schema, so that chatterds on other schemas of the same database
-don't hear each other.
+own back-off would find out. The channel is named after the schema, so that chatterds on
+other schemas of the same database don't hear each other.
 """
 
 from __future__ import annotations

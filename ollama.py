@@ -131,10 +131,10 @@ class Streams:
         self._session = session
         # As httpx's Timeout(timeout, connect=connect_timeout) on aiohttp's transport: a
         # connection within connect_timeout, then no more than `timeout` without a byte.
-        self._timeout = aiohttp.ClientTimeout(
+        self._client_timeout = aiohttp.ClientTimeout(
             sock_connect=connect_timeout, sock_read=timeout, connect=timeout
         )
-        self.timeout = timeout
+        self.timeout = timeout  # seconds, for the error of a stream that goes silent
 
     async def open(self, path: str, body: bytes) -> Opened:
         """POST a generation and wait for its first line.
@@ -171,7 +171,7 @@ class Streams:
                 self._base_url + path,
                 data=body,
                 headers={"Content-Type": "application/json"},
-                timeout=self._timeout,
+                timeout=self._client_timeout,
                 allow_redirects=False,  # as httpx: a redirected POST would lose its body
             )
         except STREAM_FAILURES as exc:
