@@ -42,6 +42,7 @@ class Outbox:
         # waiter, not an asyncio.Queue: this is the hot path's hand-off, once per event.
         self._items: deque[Refusal | Event | str | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()  # once: on 3.11 each lookup costs a getpid
         self._app_id = app_id
         self._log = event_log
         self._next_id: int | None = None
@@ -143,7 +144,7 @@ class Outbox:
 
     def _arrival(self) -> asyncio.Future[None]:
         """A future that is done once an item waits to be read."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         if self._items:
             waiter.set_result(None)
         else:

@@ -356,23 +356,47 @@ def test_ollama_silent_mid_stream_past_the_timeout_ends_the_stream_with_an_error
     ollama.script = lambda received: Stream(
         [
             chat_line("gemma3:270m", "Half "),
-            chat_line("gemma3:270m", "of it"),
+            chat_line("gemma3:270m", "of "),
+            chat_line("gemma3:270m", "it"),
             done_line("gemma3:270m"),
         ],
-        hold_after=1,  # then silent, as a model stuck after its first token
+        gap=0.6,  # the timeout counts from the last line, not the first
+        hold_after=2,  # then silent, as a model stuck after its second token
     )
     with httpx.Client(base_url=server.url, timeout=30) as client:
         response = client.post("/llmchat", json=chat_body(app_id, "hello?"))
 
     assert response.status_code == 200
     *relayed, error = parse_events(response.text)
-    assert [event.json()["message"]["content"] for event in relayed] == ["Half "]
+    assert [event.json()["message"]["content"] for event in relayed] == ["Half ", "of "]
     assert error.event == "error"
     assert error.json() == {
         "error": "Ollama said nothing mid-stream for 1 s (CHATTERD_OLLAMA_TIMEOUT)"
     }
     wait_until(lambda: ollama.abandoned == 1, what="chatterd to close Ollama's stream")
     assert stored(db, app_id) == []
+
+
+def test_a_stream_slower_than_the_timeout_but_never_silent_for_it_is_relayed_whole(
+    start_chatterd, database_url, ollama, meteo_standin, db, app_id
+):
+    env = {
+        **chatterd_env(database_url, ollama.url, meteo_standin.url),
+        "CHATTERD_OLLAMA_TIMEOUT": "1",
+    }
+    server = start_chatterd(env)
+    pieces = ["Slow ", "but ", "steady ", "wins"]
+    ollama.script = lambda received: Stream(
+        [*(chat_line("gemma3:270m", piece) for piece in pieces), done_line("gemma3:270m")],
+        gap=0.45,  # 1.8 s in all, never 1 s without a line
+    )
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/llmchat", json=chat_body(app_id, "hello?"))
+
+    events = parse_events(response.text)
+    assert [event.event for event in events] == ["message"] * 5  # no error among them
+    assert [event.json()["message"]["content"] for event in events] == [*pieces, ""]
+    assert stored(db, app_id)[-1] == ("assistant", "".join(pieces))
 
 
 def test_a_slow_weather_service_is_told_to_the_model(

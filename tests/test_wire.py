@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import httpx
 from httpx_sse import EventSource
@@ -44,7 +45,8 @@ def lines_of(data: bytes, cuts: list[int]) -> list[bytes]:
     async def read() -> list[bytes]:
         pieces = chunks(data, cuts)
         first = await anext(pieces)
-        return [line async for line in Opened(None, pieces, first, 1.0).lines()]  # type: ignore[arg-type]
+        response = SimpleNamespace(connection=None)  # aiohttp's, once all of it is read
+        return [line async for line in Opened(response, pieces, first, 1.0).lines()]  # type: ignore[arg-type]
 
     return asyncio.run(read())
 
