@@ -224,13 +224,16 @@ class Opened:
         # anything came meanwhile; aiohttp's sock_read would cancel and set a timer for every
         # chunk, about 3.5 µs each (README, Performance).
         self._loop = asyncio.get_running_loop()
-        self._heard_at = self._loop.time()
+        self._heard_at = self._loop.time()  # when the last chunk was read
+        self._read = len(first)  # bytes read so far: more arrived means the reader is behind
         connection = response.connection  # None once the whole answer is in
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = None  # its timer now set goes at the next chunk
         self._deadline = self._loop.call_later(timeout, self._check_silence)
 
     def _check_silence(self) -> None:
+        if self._response.content.total_bytes > self._read:  # a slow client, not Ollama
+            self._heard_at = self._loop.time()
         quiet = self._loop.time() - self._heard_at
         if quiet < self._timeout:
             self._deadline = self._loop.call_later(self._timeout - quiet, self._check_silence)
@@ -247,6 +250,7 @@ class Opened:
         try:
             async for chunk in self._raw:
                 self._heard_at = self._loop.time()
+                self._read += len(chunk)
                 yield chunk
         except STREAM_FAILURES as exc:
             raise OllamaError(502, broken(exc, "mid-stream", self._timeout)) from exc
@@ -263,6 +267,7 @@ class Opened:
         try:
             async for chunk in self._raw:
                 self._heard_at = self._loop.time()
+                self._read += len(chunk)
                 lines, rest = split_lines(rest, chunk)
                 for line in lines:
                     yield line

@@ -11,12 +11,14 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import psycopg
 import pytest
 from psycopg import sql
 
 from conftest import chatterd_env
+from ollama import Streams
 from sse import Streaming, chat_body, parse_events, post, stored, wait_until
 from standins import (
     Received,
@@ -397,6 +399,31 @@ def test_a_stream_slower_than_the_timeout_but_never_silent_for_it_is_relayed_who
     assert [event.event for event in events] == ["message"] * 5  # no error among them
     assert [event.json()["message"]["content"] for event in events] == [*pieces, ""]
     assert stored(db, app_id)[-1] == ("assistant", "".join(pieces))
+
+
+def test_a_reader_slower_than_the_timeout_is_not_taken_for_a_silent_ollama(ollama):
+    # Streams itself, against the stand-in: the timeout is Ollama's silence, so lines
+    # that have come but wait for a slow reader (a client that reads slowly) don't count.
+    pieces = [f"piece {n} " for n in range(50)]
+    ollama.script = lambda received: Stream(
+        [*(chat_line("gemma3:270m", piece) for piece in pieces), done_line("gemma3:270m")]
+    )
+
+    async def read_slowly() -> list[bytes]:
+        async with aiohttp.ClientSession() as session:
+            streams = Streams(ollama.url, ollama.url, session, connect_timeout=5, timeout=0.5)
+            opened = await streams.open("/api/chat", b'{"model": "gemma3:270m"}')
+            lines = opened.lines()
+            try:
+                first = await anext(lines)
+                await asyncio.sleep(1.5)  # three timeouts without reading
+                return [first, *[line async for line in lines]]
+            finally:
+                await opened.aclose()
+
+    lines = asyncio.run(read_slowly())
+    contents = [json.loads(line)["message"]["content"] for line in lines]
+    assert contents == [*pieces, ""]
 
 
 def test_a_slow_weather_service_is_told_to_the_model(

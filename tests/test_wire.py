@@ -45,7 +45,7 @@ def lines_of(data: bytes, cuts: list[int]) -> list[bytes]:
     async def read() -> list[bytes]:
         pieces = chunks(data, cuts)
         first = await anext(pieces)
-        response = SimpleNamespace(connection=None)  # aiohttp's, once all of it is read
+        response = SimpleNamespace(connection=None)  # aiohttp's, once all of it is in
         return [line async for line in Opened(response, pieces, first, 1.0).lines()]  # type: ignore[arg-type]
 
     return asyncio.run(read())
