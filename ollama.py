@@ -232,9 +232,10 @@ class Opened:
         self._deadline = self._loop.call_later(timeout, self._check_silence)
 
     def _check_silence(self) -> None:
+        now = self._loop.time()
         if self._response.content.total_bytes > self._read:  # a slow client, not Ollama
-            self._heard_at = self._loop.time()
-        quiet = self._loop.time() - self._heard_at
+            self._heard_at = now
+        quiet = now - self._heard_at
         if quiet < self._timeout:
             self._deadline = self._loop.call_later(self._timeout - quiet, self._check_silence)
         else:  # the read under way (or the next) raises it
