@@ -276,7 +276,6 @@ class Chat:
                 request.app_id,
                 request.messages,
                 request.declared_tools,
-                window=self.limits.history_messages,
                 with_tools=request.with_tools,
             )
             await self._converse(request, turn, outbox, control)

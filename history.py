@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from database import StoreError, reason
 from ollama import ROLES, Message, function_name
+from together import Together
 
 
 @dataclass
@@ -48,6 +49,10 @@ class StoredMessage:
     seq: int  # its place in the conversation
     created_at: datetime
 
+
+# A conversation's stored window, as read: its rows (appid, seq, role, message, toolcalls,
+# toolname), the kept count of stored messages (None if not counted yet), and the time.
+Window = tuple[list[tuple[Any, ...]], int | None, datetime]
 
 UNANSWERED = "Error: the app did not return a result for this call."
 
@@ -101,34 +106,43 @@ class History:
     more on /llmtools, which also stores and reads the device tools), and one to store
     the whole turn once it is over, however many tool rounds it took."""
 
-    def __init__(self, pool: AsyncConnectionPool, role_column: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool, role_column: str, window: int) -> None:
         self.pool = pool
+        self.window = window  # how many of the newest messages a turn reads
         role = sql.Identifier(role_column)
-        # Clear a dead turn's pending rows, and read the newest messages, the system
-        # messages before them (those always count) and how many messages are stored.
-        # (The DELETE and the SELECT see the same snapshot; pending rows are never read.)
-        window = (
-            "WITH cleared AS (DELETE FROM chatts WHERE appid = %(app)s::text AND pending),"
-            " recent AS ("
+        # The turns that start together read their conversations in one statement
+        # (`Together`): in a burst of hundreds, each read's own wait for one of the pool's
+        # connections cost more than the read itself. For each appID: clear a dead
+        # turn's pending rows, and read the newest messages and the system messages
+        # before them (those always count). (The DELETE and the SELECT see the same
+        # snapshot; pending rows are never read.)
+        window_of_each = (
+            "WITH apps AS (SELECT DISTINCT appid FROM unnest(%(apps)s::text[]) AS appid),"
+            " cleared AS (DELETE FROM chatts WHERE appid = ANY(%(apps)s::text[]) AND pending),"
+            " recent AS (SELECT apps.appid, newest.* FROM apps, LATERAL ("
             " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
-            " WHERE appid = %(app)s::text AND NOT pending ORDER BY seq DESC LIMIT %(window)s),"
-            " earlier AS ("
+            " WHERE chatts.appid = apps.appid AND NOT pending"
+            " ORDER BY seq DESC LIMIT %(window)s) AS newest),"
+            " earlier AS (SELECT bounds.appid, system.* FROM ("
+            " SELECT appid, min(seq) AS first FROM recent GROUP BY appid) AS bounds, LATERAL ("
             " SELECT seq, {role} AS role, message, toolcalls, toolname FROM chatts"
-            " WHERE appid = %(app)s::text AND NOT pending AND {role} = 'system'"
-            " AND seq < (SELECT min(seq) FROM recent))"
+            " WHERE chatts.appid = bounds.appid AND NOT pending AND {role} = 'system'"
+            " AND seq < bounds.first) AS system)"
         )
-        # Then one more row, last (its seq is NULL): the kept count of stored messages,
-        # and the time, which the request's rows get when they are stored (`time`'s
-        # default, were they stored now).
+        # Then one more row per appID, its last (its seq is NULL): the kept count of
+        # stored messages, and the time, which the request's rows get when they are
+        # stored (`time`'s default, were they stored now).
         read = (
-            " SELECT seq, role, message, toolcalls, toolname,"
-            " (SELECT messages FROM conversation_sizes WHERE appid = %(app)s::text),"
-            " localtimestamp"
-            " FROM (SELECT * FROM recent UNION ALL SELECT * FROM earlier"
-            " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL) AS rows"
+            " SELECT appid, seq, role, message, toolcalls, toolname, NULL::bigint,"
+            " NULL::timestamp FROM recent"
+            " UNION ALL SELECT appid, seq, role, message, toolcalls, toolname, NULL, NULL"
+            " FROM earlier"
+            " UNION ALL SELECT apps.appid, NULL, NULL, NULL, NULL, NULL, sizes.messages,"
+            " localtimestamp FROM apps LEFT JOIN conversation_sizes AS sizes USING (appid)"
+            " ORDER BY 1, 2"
         )
         # Each statement rendered to text once: psycopg renders a Composed at every execute.
-        self._read_window = sql.SQL(window + read + " ORDER BY seq").format(role=role).as_string()
+        self._read_windows = sql.SQL(window_of_each + read).format(role=role).as_string()
         self._select_page = (
             sql.SQL(
                 "SELECT {role}, message, toolcalls, toolname, seq, time::timestamptz FROM chatts"
@@ -169,13 +183,13 @@ class History:
             " ON CONFLICT (appid) DO UPDATE SET messages = EXCLUDED.messages"
             " RETURNING messages"
         )
+        self._reads = Together(self._read_all)
 
     async def record(
         self,
         app_id: str,
         incoming: list[Message],
         device_tools: list[dict[str, Any]] | None,
-        window: int,
         *,
         with_tools: bool,
     ) -> Turn:
@@ -187,15 +201,20 @@ class History:
         lease, so pending rows are a dead turn's of an earlier version: they are removed.
         The request's messages are stored with the turn (`complete`).
         """
-        try:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(self._read_window, {"app": app_id, "window": window})
-                *read, (*_, kept, asked_at) = await cursor.fetchall()
-                total = await self._total(conn, app_id, read, kept)
-                tools = await self._device_tools(conn, app_id, device_tools) if with_tools else []
-        except psycopg.Error as exc:
-            raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
-        history = [_message(row[1:5]) for row in read]
+        read, kept, asked_at = await self._reads.ask(app_id)
+        uncounted = bool(read) and kept is None  # a tutorial's conversation, say
+        tools: list[dict[str, Any]] = []
+        if uncounted or with_tools:
+            try:
+                async with self.pool.connection() as conn:
+                    if uncounted:
+                        kept = await self._count_stored(conn, app_id)
+                    if with_tools:
+                        tools = await self._device_tools(conn, app_id, device_tools)
+            except psycopg.Error as exc:
+                raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
+        total = (kept or 0) if read else 0  # nothing read: a new conversation
+        history = [_message(row[2:6]) for row in read]
         # Results of device calls get their names from the stored calls; calls the app
         # left unanswered get a result saying so.
         asked = settle_tool_calls(history, incoming)
@@ -270,20 +289,30 @@ class History:
         except psycopg.Error as exc:
             raise StoreError(f"the database could not delete it: {reason(exc)}") from exc
 
-    async def _total(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        app_id: str,
-        read: list[tuple[Any, ...]],
-        kept: int | None,
-    ) -> int:
-        """How many messages are stored: the `kept` count, or counted when there is none."""
-        if not read:
-            return 0  # nothing stored: a new conversation
-        if kept is None:  # not counted yet: a tutorial's conversation, say
-            cursor = await conn.execute(self._count, {"app": app_id})
-            kept = (await cursor.fetchone() or (0,))[0]
-        return kept
+    async def _read_all(self, app_ids: list[str]) -> dict[str, Window]:
+        """The stored window of each of these appIDs' conversations."""
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    self._read_windows, {"apps": app_ids, "window": self.window}
+                )
+                rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not read the history: {reason(exc)}") from exc
+        windows: dict[str, Window] = {}
+        read: list[tuple[Any, ...]] = []
+        for row in rows:
+            if row[1] is None:  # the appID's last row: its count and the time
+                windows[row[0]] = (read, row[6], row[7])
+                read = []
+            else:
+                read.append(row)
+        return windows
+
+    async def _count_stored(self, conn: psycopg.AsyncConnection[Any], app_id: str) -> int:
+        """Count the conversation's stored messages, and keep the count."""
+        cursor = await conn.execute(self._count, {"app": app_id})
+        return (await cursor.fetchone() or (0,))[0]
 
     async def _device_tools(
         self,

@@ -237,7 +237,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         tool_env = toolbox.ToolEnv(weather_client, config.open_meteo_url)
         event_log = EventLog(pool, config.events_keep, messages)
         chat = Chat(
-            history.History(pool, role_column),
+            history.History(pool, role_column, config.history_max_messages),
             event_log,
             leases,
             admission,

@@ -126,6 +126,11 @@ def test_a_tutorial_table_is_migrated_in_place(
         with psycopg.connect(url) as conn:
             after = conn.execute("SELECT id, appid, message FROM chatts").fetchall()
             seqs = conn.execute("SELECT seq FROM chatts ORDER BY seq").fetchall()
+            (size,) = conn.execute(
+                "SELECT messages FROM conversation_sizes WHERE appid = 'edu.umich.tutorial'"
+            ).fetchone()
         assert set(before) <= set(after)
+        # The tutorial's rows were counted at the first turn, then the turn's two added.
+        assert size == len([app for app, _, _ in TUTORIAL_ROWS if app == "edu.umich.tutorial"]) + 2
         assert len(after) == len(before) + 2
         assert len({seq for (seq,) in seqs}) == len(seqs)  # every row has its own place
