@@ -11,7 +11,7 @@ import budget
 from budget import Budget
 from conftest import chatterd_env
 from ollama import Message
-from sse import chat_body, post
+from sse import Streaming, chat_body, post
 from standins import Stream, chat_line, done_line, text_stream, tool_call
 
 MODEL = "qwen3:0.6b"
@@ -148,6 +148,47 @@ def test_nothing_is_said_when_nothing_is_left_out(client, app_id):
     answer = post(client, "/llmchat", chat_body(app_id, "hello"))
 
     assert answer.named("context") == []
+
+
+def test_turns_that_start_together_each_read_their_own_conversation(
+    small_budget, ollama, db, app_id
+):
+    """Twelve apps' turns start side by side (their histories are read together when they
+    come while a read is under way: tests/test_history.py): each gets its own newest
+    messages, its own system message, and its own count of what was left out."""
+    apps = [f"{app_id}.{number}" for number in range(12)]
+    conversations = {
+        app: [("system", f"You are {app}.")]
+        + [
+            (role, f"{role} {turn} of {app}")
+            for turn in range(2 + number)
+            for role in ("user", "assistant")
+        ]
+        for number, app in enumerate(apps)
+    }
+    for app, rows in conversations.items():  # stored as the tutorial did: never counted
+        for role, content in rows:
+            db.execute(
+                "INSERT INTO chatts (appid, username, message) VALUES (%s, %s, %s)",
+                (app, role, content),
+            )
+    ollama.reset()
+
+    base_url = str(small_budget.base_url)
+    turns = {app: Streaming(base_url, "/llmchat", chat_body(app, f"new to {app}")) for app in apps}
+
+    for turn in turns.values():
+        assert turn.finish().status == 200
+
+    asked = {chat["messages"][-1]["content"]: chat["messages"] for chat in ollama.chats()}
+    for app, turn in turns.items():
+        rows = conversations[app]
+        sent = [(m["role"], m["content"]) for m in asked[f"new to {app}"]]
+        assert sent == [rows[0], *rows[-2:], ("user", f"new to {app}")]
+        (notice,) = turn.named("context")
+        trimmed = notice.json()["trimmed"]
+        assert trimmed["omitted_messages"] == len(rows) - 3
+        assert trimmed["sent_messages"] == 4
 
 
 def test_a_refusal_stays_an_http_status_when_the_history_was_trimmed(small_budget, app_id):
