@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from database import StoreError, reason
 from ollama import ROLES, Message, function_name
-from together import Together
+from together import Asked, Together
 
 
 @dataclass
@@ -104,7 +104,8 @@ def _call_names(message: Message) -> list[str]:
 class History:
     """The store's statements. A turn costs two round trips: one to read the history (one
     more on /llmtools, which also stores and reads the device tools), and one to store
-    the whole turn once it is over, however many tool rounds it took."""
+    the whole turn once it is over, however many tool rounds it took. Both are shared
+    with the turns that start, or end, at the same time."""
 
     def __init__(self, pool: AsyncConnectionPool, role_column: str, window: int) -> None:
         self.pool = pool
@@ -151,27 +152,29 @@ class History:
             .format(role=role)
             .as_string()
         )
-        # The whole turn, and the count of stored messages: one statement, so all or
-        # nothing. The rows come as one JSON parameter (_rows): psycopg dumps a list
-        # parameter element by element in Python, a third of the statement's CPU. Rows
-        # in the order given get growing seqs. It is fenced by the turn's reply number:
-        # if another turn has taken the lease since (this one lost it without knowing
-        # yet), nothing is written.
-        self._complete = (
+        # The turns that end together are stored together too (`Together`), each turn
+        # all or nothing: its rows, and its count of stored messages. The rows come as one
+        # JSON parameter (_rows): psycopg dumps a list parameter element by element in
+        # Python, a third of the statement's CPU. A turn's rows get growing seqs in their
+        # order (`n`). Each turn is fenced by its reply number: if another turn has taken
+        # the lease since (this one lost it without knowing yet), its rows are not written.
+        self._store_turns = (
             sql.SQL(
-                "WITH fence AS (SELECT 1 FROM conversation_leases"
-                " WHERE appid = %(app)s::text AND replies = %(reply)s),"
+                "WITH given AS (SELECT * FROM json_to_recordset(%(rows)s::json) AS given("
+                "appid text, reply bigint, n int, role text, message text, thinking text,"
+                " toolcalls text, toolname text, time timestamp)),"
+                " fenced AS (SELECT DISTINCT appid, reply FROM given WHERE EXISTS ("
+                " SELECT 1 FROM conversation_leases AS lease"
+                " WHERE lease.appid = given.appid AND lease.replies = given.reply)),"
                 " added AS (INSERT INTO chatts"
                 " (appid, {role}, message, thinking, toolcalls, toolname, time)"
-                " SELECT %(app)s::text, role, message, thinking, toolcalls, toolname,"
-                " coalesce(given.time, localtimestamp)"
-                " FROM json_to_recordset(%(rows)s::json) AS given(role text, message text,"
-                " thinking text, toolcalls text, toolname text, time timestamp)"
-                " WHERE EXISTS (SELECT 1 FROM fence) RETURNING seq),"
+                " SELECT appid, role, message, thinking, toolcalls, toolname,"
+                " coalesce(time, localtimestamp)"
+                " FROM given JOIN fenced USING (appid, reply) ORDER BY n RETURNING appid),"
                 " sized AS (INSERT INTO conversation_sizes AS size (appid, messages)"
-                " SELECT %(app)s::text, count(*) FROM added HAVING EXISTS (SELECT 1 FROM fence)"
+                " SELECT appid, count(*) FROM added GROUP BY appid"
                 " ON CONFLICT (appid) DO UPDATE SET messages = size.messages + EXCLUDED.messages)"
-                " SELECT EXISTS (SELECT 1 FROM fence)"
+                " SELECT appid, reply FROM fenced"
             )
             .format(role=role)
             .as_string()
@@ -184,6 +187,7 @@ class History:
             " RETURNING messages"
         )
         self._reads = Together(self._read_all)
+        self._stores = Together(self._store_all)
 
     async def record(
         self,
@@ -228,15 +232,8 @@ class History:
         the appID's lease."""
         rows = [(message, None, turn.asked_at) for message in turn.asked]
         rows += [(message, thinking, None) for message, thinking in messages]
-        try:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(
-                    self._complete, {"app": app_id, "reply": reply, "rows": _rows(rows)}
-                )
-                fenced = await cursor.fetchone()
-        except psycopg.Error as exc:
-            raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
-        if not (fenced and fenced[0]):
+        stored = await self._stores.ask(app_id, _rows(app_id, reply, rows))
+        if stored != reply:
             raise StoreError(
                 "another request for this appID took the conversation over; the reply was"
                 " not stored"
@@ -289,8 +286,9 @@ class History:
         except psycopg.Error as exc:
             raise StoreError(f"the database could not delete it: {reason(exc)}") from exc
 
-    async def _read_all(self, app_ids: list[str]) -> dict[str, Window]:
+    async def _read_all(self, asked: Asked) -> dict[str, Window]:
         """The stored window of each of these appIDs' conversations."""
+        app_ids = [app_id for app_id, _ in asked]
         try:
             async with self.pool.connection() as conn:
                 cursor = await conn.execute(
@@ -308,6 +306,17 @@ class History:
             else:
                 read.append(row)
         return windows
+
+    async def _store_all(self, asked: Asked) -> dict[str, int]:
+        """Store these turns (each its rows, as _rows gives them); the reply number of each
+        appID whose turn was stored."""
+        rows = json.dumps([row for _, turn_rows in asked for row in turn_rows])
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(self._store_turns, {"rows": rows})
+                return dict(await cursor.fetchall())
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not store the reply: {reason(exc)}") from exc
 
     async def _count_stored(self, conn: psycopg.AsyncConnection[Any], app_id: str) -> int:
         """Count the conversation's stored messages, and keep the count."""
@@ -351,22 +360,25 @@ def latest(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list({tool["function"]["name"]: tool for tool in tools}.values())
 
 
-def _rows(rows: list[tuple[Message, str | None, datetime | None]]) -> str:
-    """Rows (a message, its thinking, its time or None for now) as the JSON the statement
-    reads (json_to_recordset)."""
-    return json.dumps(
-        [
-            {
-                "role": message.role,
-                "message": storable(message.content),
-                "thinking": storable(thinking) or None,
-                "toolcalls": json.dumps(message.tool_calls) if message.tool_calls else None,
-                "toolname": storable(message.tool_name),
-                "time": time.isoformat() if time else None,
-            }
-            for message, thinking, time in rows
-        ]
-    )
+def _rows(
+    app_id: str, reply: int, rows: list[tuple[Message, str | None, datetime | None]]
+) -> list[dict[str, Any]]:
+    """A turn's rows (a message, its thinking, its time or None for now) as the JSON the
+    statement reads (json_to_recordset)."""
+    return [
+        {
+            "appid": app_id,
+            "reply": reply,
+            "n": n,
+            "role": message.role,
+            "message": storable(message.content),
+            "thinking": storable(thinking) or None,
+            "toolcalls": json.dumps(message.tool_calls) if message.tool_calls else None,
+            "toolname": storable(message.tool_name),
+            "time": time.isoformat() if time else None,
+        }
+        for n, (message, thinking, time) in enumerate(rows)
+    ]
 
 
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone UTF-16 surrogates

@@ -25,7 +25,7 @@ import psycopg
 
 from bus import Bus
 from database import StoreError, reason, with_keepalives
-from together import Together
+from together import Asked, Together
 
 log = logging.getLogger("chatterd")
 
@@ -152,8 +152,9 @@ class Leases:
         if reply is not None:
             self._releases.tell(app_id)
 
-    async def _take_all(self, app_ids: list[str]) -> dict[str, int]:
+    async def _take_all(self, asked: Asked) -> dict[str, int]:
         """Try the leases of these appIDs at once; the reply numbers of those taken."""
+        app_ids = [app_id for app_id, _ in asked]
         try:
             rows = await self._execute(
                 "WITH taken AS (SELECT appid FROM unnest(%(apps)b::text[]) AS appid"
@@ -169,16 +170,16 @@ class Leases:
             # A refused statement is undone, but not the advisory locks it took: they are
             # the session's. Let go of them, or these appIDs stay locked for good.
             with contextlib.suppress(StoreError):
-                await self._let_go_all(app_ids)
+                await self._let_go_all(asked)
             raise
         return dict(rows)
 
-    async def _let_go_all(self, app_ids: list[str]) -> dict[str, None]:
+    async def _let_go_all(self, asked: Asked) -> dict[str, None]:
         """Let go of these appIDs' leases, and tell every worker that each is free."""
         await self._execute(
             "SELECT pg_advisory_unlock(chatterd_lease_key(appid)), pg_notify(%s, 'free ' || appid)"
             " FROM unnest(%b::text[]) AS appid",
-            (self._bus.channel, app_ids),
+            (self._bus.channel, [app_id for app_id, _ in asked]),
         )
         return {}
 

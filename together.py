@@ -15,24 +15,27 @@ from typing import Any
 
 from database import StoreError
 
+# A request: the appID it is for, and what it carries (the rows to store, say), if anything.
+Asked = list[tuple[str, Any]]
+
 
 class Together:
     """Requests keyed by appID, sent together: one statement under way at a time."""
 
     def __init__(
         self,
-        send: Callable[[list[str]], Awaitable[dict[str, Any]]],
+        send: Callable[[Asked], Awaitable[dict[str, Any]]],
         abandoned: Callable[[str, Any], None] = lambda app_id, answer: None,
     ) -> None:
-        self._send = send  # the statement: appIDs in, an answer for each (None if absent)
+        self._send = send  # the statement: requests in, an answer per appID (None if absent)
         self._abandoned = abandoned  # an answer whose asker was cancelled meanwhile
-        self._waiting: list[tuple[str, asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._sending: asyncio.Task[None] | None = None
 
-    async def ask(self, app_id: str) -> Any:
+    async def ask(self, app_id: str, carrying: Any = None) -> Any:
         """The answer of the next statement for this appID. Cancelled before that statement
         goes out, it is left out of it; cancelled later, its answer goes to `abandoned`."""
-        answer = self._enqueue(app_id)
+        answer = self._enqueue(app_id, carrying)
         try:
             return await answer
         except asyncio.CancelledError:
@@ -42,31 +45,31 @@ class Together:
 
     def tell(self, app_id: str) -> None:
         """Have the appID in the next statement, without waiting for it."""
-        self._enqueue(app_id).add_done_callback(_ignore)
+        self._enqueue(app_id, None).add_done_callback(_ignore)
 
-    def _enqueue(self, app_id: str) -> asyncio.Future[Any]:
+    def _enqueue(self, app_id: str, carrying: Any) -> asyncio.Future[Any]:
         answer = asyncio.get_running_loop().create_future()
-        self._waiting.append((app_id, answer))
+        self._waiting.append((app_id, carrying, answer))
         if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send_waiting())
         return answer
 
     async def _send_waiting(self) -> None:
-        batch: list[tuple[str, asyncio.Future[Any]]] = []
+        batch: list[tuple[str, Any, asyncio.Future[Any]]] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
-                batch = [(app_id, answer) for app_id, answer in batch if not answer.done()]
+                batch = [asked for asked in batch if not asked[2].done()]
                 if not batch:
                     continue  # each asker was cancelled meanwhile
                 try:
-                    answers = await self._send([app_id for app_id, _ in batch])
+                    answers = await self._send([(app_id, carried) for app_id, carried, _ in batch])
                 except Exception as exc:  # StoreError; anything else is a bug, told as it is
-                    for _, answer in batch:
+                    for _, _, answer in batch:
                         if not answer.done():  # each its own StoreError, for its traceback
                             answer.set_exception(_own(exc))
                 else:
-                    for app_id, answer in batch:
+                    for app_id, _, answer in batch:
                         if answer.done():
                             self._abandoned(app_id, answers.get(app_id))
                         else:
@@ -74,7 +77,7 @@ class Together:
                 batch = []
         finally:
             self._sending = None
-            for _, answer in [*batch, *self._waiting]:  # cancelled itself: shutting down
+            for _, _, answer in [*batch, *self._waiting]:  # cancelled itself: shutting down
                 answer.cancel()
             self._waiting = []
 

@@ -1,20 +1,25 @@
 """The history store, used directly against the real PostgreSQL.
 
 The routes' tests cover what the store keeps and sends. Here is what a route cannot make
-happen on purpose: many turns' reads asked for in the same instant, which the store
-sends as one statement (`together.Together`).
+happen on purpose: many turns' reads, or many turns' writes, asked for in the same
+instant, which the store sends as one statement each (`together.Together`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psycopg
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 import database
-from history import History, Turn
+from database import StoreError
+from history import History
 from ollama import Message
+from sse import stored
 
 
 def stored_conversation(app: str, turns: int) -> list[tuple[str, str]]:
@@ -25,24 +30,30 @@ def stored_conversation(app: str, turns: int) -> list[tuple[str, str]]:
     return rows
 
 
-async def record_together(database_url: str, apps: list[str], window: int) -> list[Turn]:
-    """Read every app's conversation with a new question, all asked for at once."""
-    role_column = await database.apply_schema(database_url)  # as chatterd does at start
-    async with AsyncConnectionPool(
-        database_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
-    ) as pool:
-        store = History(pool, role_column, window)
-        return await asyncio.gather(
-            *(
-                store.record(app, [Message("user", f"new to {app}")], None, with_tools=False)
-                for app in apps
-            )
-        )
+def new_question(app: str) -> list[Message]:
+    return [Message("user", f"new to {app}")]
 
 
-def test_reads_asked_for_together_each_get_their_own_conversation(
+def with_store(
+    database_url: str, window: int, scenario: Callable[[History], Awaitable[Any]]
+) -> Any:
+    """Run `scenario` with a History on a pool of its own, as chatterd would."""
+
+    async def run() -> Any:
+        role_column = await database.apply_schema(database_url)
+        async with AsyncConnectionPool(
+            database_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool:
+            return await scenario(History(pool, role_column, window))
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def conversations(
     database_url: str, db: psycopg.Connection, app_id: str
-) -> None:
+) -> dict[str, list[tuple[str, str]]]:
+    """Ten apps' conversations of growing length, stored as the tutorial did (not counted)."""
     asyncio.run(database.apply_schema(database_url))  # the tables, when run on its own
     apps = [f"{app_id}.{number}" for number in range(10)]
     conversations = {app: stored_conversation(app, number) for number, app in enumerate(apps)}
@@ -52,18 +63,75 @@ def test_reads_asked_for_together_each_get_their_own_conversation(
                 "INSERT INTO chatts (appid, username, message) VALUES (%s, %s, %s)",
                 (app, role, content),
             )
-    new_app = f"{app_id}.new"  # nothing stored yet
+    return conversations
 
-    turns = asyncio.run(record_together(database_url, [*apps, new_app], window=3))
 
-    for app, turn in zip(apps, turns[:-1], strict=True):
-        rows = conversations[app]
+def test_reads_asked_for_together_each_get_their_own_conversation(
+    database_url: str, conversations: dict[str, list[tuple[str, str]]], app_id: str
+) -> None:
+    apps = [*conversations, f"{app_id}.new"]  # the last has nothing stored yet
+
+    async def read_together(store: History) -> list[Any]:
+        return await asyncio.gather(
+            *(store.record(app, new_question(app), None, with_tools=False) for app in apps)
+        )
+
+    turns = with_store(database_url, 3, read_together)
+
+    for app, turn in zip(apps, turns, strict=True):
+        rows = conversations.get(app, [])
         # The newest three (the window), and the system message before them.
         expected = [rows[0], *rows[-3:]] if len(rows) > 3 else rows
         read = [(message.role, message.content) for message in turn.history]
         assert read == [*expected, ("user", f"new to {app}")]
         assert turn.new == 1
         assert turn.unread == len(rows) - len(expected)
-    new_turn = turns[-1]
-    assert [(m.role, m.content) for m in new_turn.history] == [("user", f"new to {new_app}")]
-    assert new_turn.unread == 0
+
+
+def test_turns_stored_together_are_each_stored_whole_unless_their_lease_moved_on(
+    database_url: str,
+    db: psycopg.Connection,
+    conversations: dict[str, list[tuple[str, str]]],
+) -> None:
+    apps = list(conversations)
+    moved_on = apps[-1]  # its turn lost the lease: another turn (reply 4) has it now
+    for app in apps:
+        db.execute(
+            "INSERT INTO conversation_leases (appid, holder, expires, replies)"
+            " VALUES (%s, gen_random_uuid(), 'infinity', %s)",
+            (app, 4 if app == moved_on else 3),
+        )
+
+    async def turns_together(store: History) -> list[Any]:
+        turns = await asyncio.gather(
+            *(store.record(app, new_question(app), None, with_tools=False) for app in apps)
+        )
+        return await asyncio.gather(
+            *(
+                store.complete(app, 3, turn, [(Message("assistant", f"reply to {app}"), None)])
+                for app, turn in zip(apps, turns, strict=True)
+            ),
+            return_exceptions=True,
+        )
+
+    outcomes = dict(zip(apps, with_store(database_url, 3, turns_together), strict=True))
+
+    for app in apps[:-1]:
+        assert outcomes[app] is None
+        assert stored(db, app) == [
+            *conversations[app],
+            ("user", f"new to {app}"),
+            ("assistant", f"reply to {app}"),
+        ]
+    assert isinstance(outcomes[moved_on], StoreError)
+    assert "took the conversation over" in str(outcomes[moved_on])
+    assert stored(db, moved_on) == conversations[moved_on]
+    sizes = dict(
+        db.execute(
+            "SELECT appid, messages FROM conversation_sizes WHERE appid = ANY(%s)", (apps,)
+        ).fetchall()
+    )
+    # Counted at the turn's start (the tutorial's rows), then each stored turn's two added.
+    assert sizes == {
+        app: len(rows) + (0 if app == moved_on else 2) for app, rows in conversations.items()
+    }
