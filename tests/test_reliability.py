@@ -271,6 +271,29 @@ def test_a_lease_the_database_refuses_is_503_and_leaves_the_app_free(client, oll
     assert post(client, "/llmchat", chat_body(app_id, "hello?")).status == 200
 
 
+def test_a_turn_the_database_refuses_to_store_ends_with_an_error_event_and_stores_nothing(
+    client, ollama, db, app_id
+):
+    """The turn is stored once it is over, with the other turns ending then (one
+    statement): refused, the stream has streamed already, so it ends with an `error`
+    event; nothing of the turn is stored, and the appID is free for the next one."""
+    refuse = sql.SQL(
+        "ALTER TABLE chatts ADD CONSTRAINT test_refused_turn CHECK (appid <> {})"
+    ).format(sql.Literal(app_id))
+    db.execute(refuse)
+    try:
+        refused = post(client, "/llmchat", chat_body(app_id, "hello?"))
+    finally:
+        db.execute("ALTER TABLE chatts DROP CONSTRAINT test_refused_turn")
+    assert refused.status == 200  # streaming had begun
+    assert refused.text() == "You said: hello?"
+    (error,) = refused.named("error")
+    assert error.json()["error"].startswith("the database could not store the reply")
+    assert stored(db, app_id) == []
+    assert post(client, "/llmchat", chat_body(app_id, "again")).status == 200
+    assert stored(db, app_id) == [("user", "again"), ("assistant", "You said: again")]
+
+
 def test_a_conversation_held_too_long_answers_409(
     start_chatterd, database_url, ollama, meteo_standin, app_id
 ):
