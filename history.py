@@ -232,7 +232,15 @@ class History:
         the appID's lease."""
         rows = [(message, None, turn.asked_at) for message in turn.asked]
         rows += [(message, thinking, None) for message, thinking in messages]
-        stored = await self._stores.ask(app_id, _rows(app_id, reply, rows))
+        given = _rows(app_id, reply, rows)
+        try:
+            stored = await self._stores.ask(app_id, given)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.OperationalError):
+                raise  # the database is unreachable, or the statement timed out: for all
+            # The database refused the statement: perhaps another turn's rows. This turn's
+            # alone, so that only the turn whose rows are refused is lost.
+            stored = (await self._store_all([(app_id, given)])).get(app_id)
         if stored != reply:
             raise StoreError(
                 "another request for this appID took the conversation over; the reply was"

@@ -2,7 +2,8 @@
 
 The routes' tests cover what the store keeps and sends. Here is what a route cannot make
 happen on purpose: many turns' reads, or many turns' writes, asked for in the same
-instant, which the store sends as one statement each (`together.Together`).
+instant, which the store sends as one statement each (`together.Together`), and one turn
+of such a batch that the database refuses.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 import database
@@ -67,9 +69,17 @@ def conversations(
 
 
 def test_reads_asked_for_together_each_get_their_own_conversation(
-    database_url: str, conversations: dict[str, list[tuple[str, str]]], app_id: str
+    database_url: str,
+    db: psycopg.Connection,
+    conversations: dict[str, list[tuple[str, str]]],
+    app_id: str,
 ) -> None:
     apps = [*conversations, f"{app_id}.new"]  # the last has nothing stored yet
+    for app in list(conversations)[::2]:  # every other one counted, as chatterd keeps them
+        db.execute(
+            "INSERT INTO conversation_sizes (appid, messages) VALUES (%s, %s)",
+            (app, len(conversations[app])),
+        )
 
     async def read_together(store: History) -> list[Any]:
         return await asyncio.gather(
@@ -135,3 +145,52 @@ def test_turns_stored_together_are_each_stored_whole_unless_their_lease_moved_on
     assert sizes == {
         app: len(rows) + (0 if app == moved_on else 2) for app, rows in conversations.items()
     }
+
+
+def test_a_turn_the_database_refuses_is_the_only_one_of_its_batch_lost(
+    database_url: str,
+    db: psycopg.Connection,
+    conversations: dict[str, list[tuple[str, str]]],
+) -> None:
+    apps = list(conversations)
+    refused = apps[3]
+    for app in apps:
+        db.execute(
+            "INSERT INTO conversation_leases (appid, holder, expires, replies)"
+            " VALUES (%s, gen_random_uuid(), 'infinity', 1)",
+            (app,),
+        )
+
+    async def turns_together(store: History) -> list[Any]:
+        turns = await asyncio.gather(
+            *(store.record(app, new_question(app), None, with_tools=False) for app in apps)
+        )
+        return await asyncio.gather(
+            *(
+                store.complete(app, 1, turn, [(Message("assistant", f"reply to {app}"), None)])
+                for app, turn in zip(apps, turns, strict=True)
+            ),
+            return_exceptions=True,
+        )
+
+    # New rows of one app refused (NOT VALID: its stored rows stay as they are).
+    db.execute(
+        sql.SQL(
+            "ALTER TABLE chatts ADD CONSTRAINT test_refused_turn CHECK (appid <> {}) NOT VALID"
+        ).format(sql.Literal(refused))
+    )
+    try:
+        outcomes = dict(zip(apps, with_store(database_url, 3, turns_together), strict=True))
+    finally:
+        db.execute("ALTER TABLE chatts DROP CONSTRAINT test_refused_turn")
+
+    assert isinstance(outcomes[refused], StoreError)
+    assert "could not store the reply" in str(outcomes[refused])
+    assert stored(db, refused) == conversations[refused]
+    for app in apps:
+        if app != refused:
+            assert outcomes[app] is None
+            assert stored(db, app)[-2:] == [
+                ("user", f"new to {app}"),
+                ("assistant", f"reply to {app}"),
+            ]
