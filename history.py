@@ -11,6 +11,7 @@ while a turn ran, are never read as history, and the next turn removes them.)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -232,15 +233,7 @@ class History:
         the appID's lease."""
         rows = [(message, None, turn.asked_at) for message in turn.asked]
         rows += [(message, thinking, None) for message, thinking in messages]
-        given = _rows(app_id, reply, rows)
-        try:
-            stored = await self._stores.ask(app_id, given)
-        except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.OperationalError):
-                raise  # the database is unreachable, or the statement timed out: for all
-            # The database refused the statement: perhaps another turn's rows. This turn's
-            # alone, so that only the turn whose rows are refused is lost.
-            stored = (await self._store_all([(app_id, given)])).get(app_id)
+        stored = await self._stores.ask(app_id, _rows(app_id, reply, rows))
         if stored != reply:
             raise StoreError(
                 "another request for this appID took the conversation over; the reply was"
@@ -315,9 +308,28 @@ class History:
                 read.append(row)
         return windows
 
-    async def _store_all(self, asked: Asked) -> dict[str, int]:
+    async def _store_all(self, asked: Asked) -> dict[str, int | Exception]:
         """Store these turns (each its rows, as _rows gives them); the reply number of each
-        appID whose turn was stored."""
+        appID whose turn was stored.
+
+        If the database refuses the statement (not a lost connection or a timeout, which
+        are every turn's), perhaps for one turn's rows, each turn is tried on its own, so
+        that only a turn whose rows it refuses is lost (its StoreError is its answer).
+        """
+        try:
+            return await self._store_turns_of(asked)
+        except StoreError as exc:
+            if len(asked) == 1 or isinstance(exc.__cause__, psycopg.OperationalError):
+                raise
+        alone = await asyncio.gather(
+            *(self._store_turns_of([turn]) for turn in asked), return_exceptions=True
+        )
+        answers: dict[str, int | Exception] = {}
+        for (app_id, _), outcome in zip(asked, alone, strict=True):
+            answers[app_id] = outcome if isinstance(outcome, Exception) else outcome.get(app_id)
+        return answers
+
+    async def _store_turns_of(self, asked: Asked) -> dict[str, int]:
         rows = json.dumps([row for _, turn_rows in asked for row in turn_rows])
         try:
             async with self.pool.connection() as conn:

@@ -27,7 +27,9 @@ class Together:
         send: Callable[[Asked], Awaitable[dict[str, Any]]],
         abandoned: Callable[[str, Any], None] = lambda app_id, answer: None,
     ) -> None:
-        self._send = send  # the statement: requests in, an answer per appID (None if absent)
+        # The statement: requests in, an answer per appID (None if absent; an exception
+        # is raised to that appID's asker alone).
+        self._send = send
         self._abandoned = abandoned  # an answer whose asker was cancelled meanwhile
         self._waiting: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._sending: asyncio.Task[None] | None = None
@@ -70,10 +72,14 @@ class Together:
                             answer.set_exception(_own(exc))
                 else:
                     for app_id, _, answer in batch:
-                        if answer.done():
-                            self._abandoned(app_id, answers.get(app_id))
+                        told = answers.get(app_id)
+                        if isinstance(told, Exception):  # this request's own failure
+                            if not answer.done():
+                                answer.set_exception(told)
+                        elif answer.done():
+                            self._abandoned(app_id, told)
                         else:
-                            answer.set_result(answers.get(app_id))
+                            answer.set_result(told)
                 batch = []
         finally:
             self._sending = None
