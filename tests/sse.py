@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import psycopg
+from psycopg import sql
 
 
 @dataclass
@@ -92,6 +94,22 @@ def stored(db: psycopg.Connection, app_id: str) -> list[tuple[str, str]]:
     return db.execute(
         "SELECT username, message FROM chatts WHERE appid = %s ORDER BY seq", (app_id,)
     ).fetchall()
+
+
+@contextmanager
+def refusing(db: psycopg.Connection, table: str, app_id: str) -> Iterator[None]:
+    """While the block runs, the database refuses new rows of `table` for this appID (a
+    CHECK constraint, NOT VALID: the rows already there stay as they are)."""
+    names = {"table": sql.Identifier(table), "check": sql.Identifier(f"test_refused_{table}")}
+    db.execute(
+        sql.SQL(
+            "ALTER TABLE {table} ADD CONSTRAINT {check} CHECK (appid <> {app}) NOT VALID"
+        ).format(**names, app=sql.Literal(app_id))
+    )
+    try:
+        yield
+    finally:
+        db.execute(sql.SQL("ALTER TABLE {table} DROP CONSTRAINT {check}").format(**names))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10, what: str = "") -> None:

@@ -15,11 +15,10 @@ import aiohttp
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 
 from conftest import chatterd_env
 from ollama import Streams
-from sse import Streaming, chat_body, parse_events, post, stored, wait_until
+from sse import Streaming, chat_body, parse_events, post, refusing, stored, wait_until
 from standins import (
     Received,
     Reply,
@@ -255,14 +254,8 @@ def test_turns_that_start_together_each_hold_their_own_lease(
 def test_a_lease_the_database_refuses_is_503_and_leaves_the_app_free(client, ollama, db, app_id):
     """PostgreSQL undoes a refused statement, but not the advisory locks it took (they
     are the session's): chatterd lets go of them, or the appID would stay locked."""
-    refuse = sql.SQL(
-        "ALTER TABLE conversation_leases ADD CONSTRAINT test_refused_lease CHECK (appid <> {})"
-    ).format(sql.Literal(app_id))
-    db.execute(refuse)
-    try:
+    with refusing(db, "conversation_leases", app_id):
         refused = post(client, "/llmchat", chat_body(app_id, "hello?"))
-    finally:
-        db.execute("ALTER TABLE conversation_leases DROP CONSTRAINT test_refused_lease")
     assert refused.status == 503
     assert refused.body["error"].startswith("the database refused a lease")
     held = db.execute("SELECT chatterd_lease_held(%s)", (app_id,)).fetchone()[0]
@@ -277,14 +270,8 @@ def test_a_turn_the_database_refuses_to_store_ends_with_an_error_event_and_store
     """The turn is stored once it is over, with the other turns ending then (one
     statement): refused, the stream has streamed already, so it ends with an `error`
     event; nothing of the turn is stored, and the appID is free for the next one."""
-    refuse = sql.SQL(
-        "ALTER TABLE chatts ADD CONSTRAINT test_refused_turn CHECK (appid <> {})"
-    ).format(sql.Literal(app_id))
-    db.execute(refuse)
-    try:
+    with refusing(db, "chatts", app_id):
         refused = post(client, "/llmchat", chat_body(app_id, "hello?"))
-    finally:
-        db.execute("ALTER TABLE chatts DROP CONSTRAINT test_refused_turn")
     assert refused.status == 200  # streaming had begun
     assert refused.text() == "You said: hello?"
     (error,) = refused.named("error")
