@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from bus import Bus
-from database import StoreError, reason, with_keepalives
+from database import PREPARE_THRESHOLD, StoreError, configure, reason, with_keepalives
 from together import Asked, Together
 
 log = logging.getLogger("chatterd")
@@ -207,7 +207,15 @@ class Leases:
         old, self._conn = self._conn, None
         if old is not None:
             await old.close()
-        self._conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, prepare_threshold=PREPARE_THRESHOLD
+        )
+        try:
+            await configure(conn)
+        except psycopg.Error:
+            await conn.close()
+            raise
+        self._conn = conn
         self._ready.set()
 
     def _lost(self, why: str) -> None:

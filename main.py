@@ -216,7 +216,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             max_size=max(config.db_pool_max, config.db_pool_min),
             timeout=config.db_timeout,
             check=(checked := database.RecentCheck()),
-            kwargs={"autocommit": True},  # a statement is its own transaction: no BEGIN, COMMIT
+            # A statement is its own transaction: no BEGIN, COMMIT.
+            kwargs={"autocommit": True, "prepare_threshold": database.PREPARE_THRESHOLD},
+            configure=database.configure,
             open=False,
         )
         await pool.open()
