@@ -2,7 +2,8 @@
 
     uv run python bench/bench.py [--tokens 64] [--gap 0.02] [--workers 1]
                                  [--levels 50,200,500] [--rounds 2] [--history 10,1000,10000]
-                                 [--relay-streams 50] [--chatterd NAME=DIR[::GRANIAN ARGS]]...
+                                 [--history-repeats 15] [--relay-streams 50]
+                                 [--chatterd NAME=DIR[::GRANIAN ARGS]]...
 
 In one run it starts a paced Ollama stand-in on loopback, chatterd served by granian (on
 the embedded PostgreSQL, or DATABASE_URL) and a bare relay on the same stand-in: the
@@ -487,7 +488,7 @@ def relay_cost(servers: list[Server], postgres: int | None, streams: int, rounds
 
 
 def history_growth(
-    servers: list[Server], ollama_port: int, database_url: str, sizes: list[int], repeats: int = 7
+    servers: list[Server], ollama_port: int, database_url: str, sizes: list[int], repeats: int
 ) -> None:
     print("\n## TTFT as one appID's stored history grows (sequential requests)")
     print("(chatterd sends the newest part within its default context budget; direct gets")
@@ -565,6 +566,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns per server and level (2)")
     parser.add_argument("--history", default="10,1000,10000", help="stored sizes ('' skips)")
     parser.add_argument(
+        "--history-repeats", type=int, default=15, help="requests per stored size (15)"
+    )
+    parser.add_argument(
         "--relay-streams", type=int, default=50, help="streams for the unpaced relay cost (0 skips)"
     )
     parser.add_argument(
@@ -608,7 +612,7 @@ def main() -> None:
         sizes = [int(n) for n in args.history.split(",") if n]
         if sizes:
             chatterds = [s for s in servers if s.kind == "chatterd"]
-            history_growth(chatterds, paced_port, database_url, sizes)
+            history_growth(chatterds, paced_port, database_url, sizes, args.history_repeats)
     finally:
         stop([*servers, *unpaced_servers])
         for process in (paced, unpaced):
