@@ -301,14 +301,15 @@ def settle_garbage_collector() -> None:
 
 
 def ollama_server(config: Config, url: str) -> Server:
-    """One Ollama server, with an aiohttp session of its own: its streamed generations go
-    over aiohttp directly (ollama.Streams), its checks through httpx's client on aiohttp's
-    transport (`httpx-aiohttp`), so that both share its connections and their limit."""
+    """One Ollama server: its streamed generations over chatterd's own client
+    (ollama.Streams), its checks through httpx's client on aiohttp's transport
+    (`httpx-aiohttp`), each with CHATTERD_OLLAMA_MAX_CONNECTIONS connections at most."""
+    tls = httpx.create_ssl_context()  # the same certificates for both
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
             limit=config.ollama_max_connections,
             keepalive_timeout=httpx.Limits().keepalive_expiry,  # 5 s, as httpx's
-            ssl=httpx.create_ssl_context(),
+            ssl=tls,
         )
     )
     http = httpx.AsyncClient(
@@ -319,9 +320,10 @@ def ollama_server(config: Config, url: str) -> Server:
     streams = ollama.Streams(
         url,
         without_credentials(url),
-        session,
         connect_timeout=config.ollama_connect_timeout,
         timeout=config.ollama_timeout,
+        max_connections=config.ollama_max_connections,
+        ssl_context=tls,
     )
     return Server(url, http, streams)
 

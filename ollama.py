@@ -3,21 +3,24 @@
 Field names mirror Ollama's `/api/chat` protocol, so a `Message` is exactly what Ollama
 reads and writes. A stream hands back each NDJSON line as Ollama sent it: the caller
 relays it unchanged and parses it once. This is the only module that speaks HTTP to
-Ollama; which server a request goes to is servers.py's and admission.py's business.
+Ollama (its streams through ollama_http.py, chatterd's own small client); which server a
+request goes to is servers.py's and admission.py's business.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import httpx
 from dataclasses_json import config, dataclass_json
+
+from ollama_http import Connection, Connections
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -105,38 +108,37 @@ def error_text(body: bytes, status: int) -> str:
     return f"Ollama answered HTTP {status} without an error message"
 
 
-STREAM_FAILURES = (aiohttp.ClientError, TimeoutError)  # aiohttp's timeouts are TimeoutErrors
+# What a stream's connection can fail with: ConnectionError (ollama_http's own failures
+# among them) and ssl's errors are OSErrors; silence is a TimeoutError.
+STREAM_FAILURES = (OSError, TimeoutError)
 
 
 class Streams:
     """The streamed generations of one Ollama server (`/api/chat`, `/api/generate`).
 
-    They go over aiohttp directly: this is the relay's hot path, and httpx's streamed
-    response, even on aiohttp's transport, passes each chunk through three more async
-    generators of its own (6 to 13% of the CPU per relayed event, README, Performance). The
-    server's small JSON calls stay on httpx (`model_names`, `version`), over the same
-    aiohttp session: one pool of connections, one limit.
+    They go over chatterd's own small HTTP/1.1 client (ollama_http.py): this is the
+    relay's hot path, where aiohttp's request and stream reader cost up to a sixth more
+    CPU per relayed event (README, Performance). The server's small JSON calls
+    (`model_names`, `version`) stay on httpx.
     """
 
     def __init__(
         self,
         base_url: str,
         shown_url: str,
-        session: aiohttp.ClientSession,
         *,
         connect_timeout: float,
         timeout: float,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
+        self._connections = Connections(base_url, limit=max_connections, ssl_context=ssl_context)
         self._shown_url = shown_url  # without credentials, for error messages
-        self._session = session
-        # As httpx's Timeout(timeout, connect=connect_timeout) on aiohttp's transport: a
-        # connection within connect_timeout, then no more than `timeout` without a byte
-        # (sock_read until the first line, then Opened's own deadline).
-        self._client_timeout = aiohttp.ClientTimeout(
-            sock_connect=connect_timeout, sock_read=timeout, connect=timeout
-        )
-        self.timeout = timeout  # seconds, for the error of a stream that goes silent
+        self._connect_timeout = connect_timeout  # seconds to make a new connection
+        self.timeout = timeout  # seconds Ollama may stay silent; also the wait for a slot
+
+    def close(self) -> None:
+        self._connections.close()
 
     async def open(self, path: str, body: bytes) -> Opened:
         """POST a generation and wait for its first line.
@@ -145,57 +147,85 @@ class Streams:
         cannot be reached, breaks off or says nothing; `retry_elsewhere` set when the
         generation did not begin.
         """
-        response = await self._post(path, body)
-        raw = response.content.iter_any()
-        first = b""
         try:
-            async for chunk in raw:
-                first += chunk
-                if b"\n" in chunk:
-                    return Opened(response, raw, first, self.timeout)
+            async with asyncio.timeout(self.timeout):  # a free slot among the connections
+                connection = await self._connections.post(
+                    path, body, connect_timeout=self._connect_timeout
+                )
         except STREAM_FAILURES as exc:
-            response.close()
-            raise OllamaError(
-                502, broken(exc, "before its first line", self.timeout), retry_elsewhere=True
-            ) from exc
-        except BaseException:  # cancelled: a stop, or shutdown
-            response.close()
-            raise
-        if first.strip():  # one line without its newline, and the end
-            return Opened(response, raw, first, self.timeout)
-        response.close()
-        raise OllamaError(502, "Ollama's stream ended before its first line", retry_elsewhere=True)
-
-    async def _post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """The response, once its headers say Ollama accepted; the caller closes it."""
+            raise self._unreachable(exc) from exc
+        silence = Silence(connection, self.timeout)
         try:
-            response = await self._session.post(
-                self._base_url + path,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=self._client_timeout,
-                allow_redirects=False,  # as httpx: a redirected POST would lose its body
+            try:
+                await connection.head()
+            except STREAM_FAILURES as exc:
+                raise self._unreachable(exc) from exc
+            if connection.status >= 400:
+                raise await self._refusal(connection)
+            first = b""
+            try:
+                while chunk := await connection.read():
+                    first += chunk
+                    if b"\n" in chunk:
+                        return Opened(self._connections, connection, first, silence)
+            except STREAM_FAILURES as exc:
+                raise OllamaError(
+                    502, broken(exc, "before its first line", self.timeout), retry_elsewhere=True
+                ) from exc
+            if first.strip():  # one line without its newline, and the end
+                return Opened(self._connections, connection, first, silence)
+            raise OllamaError(
+                502, "Ollama's stream ended before its first line", retry_elsewhere=True
             )
-        except STREAM_FAILURES as exc:
-            kind = "timed out" if isinstance(exc, TimeoutError) else "is unreachable"
-            raise OllamaError(
-                502,
-                f"Ollama at {self._shown_url} {kind}: {type(exc).__name__}",
-                retry_elsewhere=True,
-                unreachable=True,
-            ) from exc
-        if response.status < 400:
-            return response
-        status = response.status
+        except BaseException:  # OllamaError, or cancelled: a stop, or shutdown
+            silence.cancel()
+            self._connections.give_back(connection)
+            raise
+
+    def _unreachable(self, exc: BaseException) -> OllamaError:
+        kind = "timed out" if isinstance(exc, TimeoutError) else "is unreachable"
+        return OllamaError(
+            502,
+            f"Ollama at {self._shown_url} {kind}: {type(exc).__name__}",
+            retry_elsewhere=True,
+            unreachable=True,
+        )
+
+    async def _refusal(self, connection: Connection) -> OllamaError:
+        """Ollama's error answer, read whole: its status and `error`."""
+        error_body = b""
         try:
-            error_body = await response.read()
+            while chunk := await connection.read():
+                error_body += chunk
         except STREAM_FAILURES:
             error_body = b""
-        finally:
-            response.release()
+        status = connection.status
         # Ollama's own failures are a bad gateway to chatterd's clients; 503 (busy) stays 503.
         answer = 502 if status >= 500 and status != 503 else status
-        raise OllamaError(answer, error_text(error_body, status), retry_elsewhere=status >= 500)
+        return OllamaError(answer, error_text(error_body, status), retry_elsewhere=status >= 500)
+
+
+class Silence:
+    """Ends a connection's answer with a TimeoutError once the server has sent nothing for
+    `timeout` seconds. One timer, which looks when it comes whether bytes came meanwhile
+    (a timer set again for every chunk would cost microseconds each). Bytes that came but
+    wait for a slow reader count as heard: the timeout is Ollama's silence."""
+
+    def __init__(self, connection: Connection, timeout: float) -> None:
+        self._connection = connection
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        quiet = self._loop.time() - self._connection.heard_at
+        if quiet < self.timeout:
+            self._timer = self._loop.call_later(self.timeout - quiet, self._check)
+        else:
+            self._connection.fail(TimeoutError())
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def split_lines(rest: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
@@ -210,48 +240,23 @@ class Opened:
     """A streamed answer of Ollama's whose first line has arrived: the generation has begun."""
 
     def __init__(
-        self,
-        response: aiohttp.ClientResponse,
-        raw: AsyncIterator[bytes],
-        first: bytes,
-        timeout: float,
+        self, connections: Connections, connection: Connection, first: bytes, silence: Silence
     ) -> None:
-        self._response = response
-        self._raw = raw  # the rest of the body, as it comes
+        self._connections = connections
+        self._connection = connection
         self._first = first  # what was read before: at least one whole line
-        self._timeout = timeout
-        # From here on silence is watched by one deadline that looks, when it comes, whether
-        # anything came meanwhile; aiohttp's sock_read would cancel and set a timer for every
-        # chunk, about 3.5 µs each (README, Performance).
-        self._loop = asyncio.get_running_loop()
-        self._heard_at = self._loop.time()  # when the last chunk was read
-        self._read = len(first)  # bytes read so far: more arrived means the reader is behind
-        connection = response.connection  # None once the whole answer is in
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = None  # its timer now set goes at the next chunk
-        self._deadline = self._loop.call_later(timeout, self._check_silence)
-
-    def _check_silence(self) -> None:
-        now = self._loop.time()
-        if self._response.content.total_bytes > self._read:  # a slow client, not Ollama
-            self._heard_at = now
-        quiet = now - self._heard_at
-        if quiet < self._timeout:
-            self._deadline = self._loop.call_later(self._timeout - quiet, self._check_silence)
-        else:  # the read under way (or the next) raises it
-            self._response.content.set_exception(TimeoutError())
+        self._silence: Silence | None = silence
+        self._timeout = silence.timeout  # for the error of a stream that goes silent
 
     @property
     def content_type(self) -> str:
-        return self._response.headers.get("Content-Type", "application/x-ndjson")
+        return self._connection.headers.get("content-type", "application/x-ndjson")
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The answer's bytes as they come, the first ones included."""
         yield self._first
         try:
-            async for chunk in self._raw:
-                self._heard_at = self._loop.time()
-                self._read += len(chunk)
+            while chunk := await self._connection.read():
                 yield chunk
         except STREAM_FAILURES as exc:
             raise OllamaError(502, broken(exc, "mid-stream", self._timeout)) from exc
@@ -259,16 +264,15 @@ class Opened:
     async def lines(self) -> AsyncIterator[bytes]:
         """The answer's NDJSON lines, each exactly as Ollama wrote it (as bytes).
 
-        Lines are split from the transport's chunks here, in one generator: this is the
+        Lines are split from the connection's chunks here, in one generator: this is the
         hot path, run once per token of every reply.
         """
         lines, rest = split_lines(b"", self._first)
         for line in lines:
             yield line
+        read = self._connection.read
         try:
-            async for chunk in self._raw:
-                self._heard_at = self._loop.time()
-                self._read += len(chunk)
+            while chunk := await read():
                 lines, rest = split_lines(rest, chunk)
                 for line in lines:
                     yield line
@@ -278,16 +282,17 @@ class Opened:
             yield rest
 
     async def aclose(self) -> None:
-        """Let go of the connection: back to the pool when the answer was read to its end,
-        else closed, and Ollama stops generating (it does when its client goes away)."""
-        self._deadline.cancel()
-        self._response.release()
-        await self._response.wait_for_close()
+        """Let go of the connection: kept for the next request when the answer was read to
+        its end, else closed, and Ollama stops generating (it does when its client goes away)."""
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None  # once: the connection's slot is given back once
+            self._connections.give_back(self._connection)
 
 
 def broken(exc: BaseException, when: str, timeout: float) -> str:
-    """Why a stream could not be read on: it went silent past the timeout (aiohttp's
-    `sock_read` before the first line, Opened's deadline after), or its connection broke."""
+    """Why a stream could not be read on: it went silent past the timeout (Silence), or its
+    connection broke."""
     if isinstance(exc, TimeoutError):
         return f"Ollama said nothing {when} for {timeout:g} s (CHATTERD_OLLAMA_TIMEOUT)"
     return f"the connection to Ollama broke {when}: {type(exc).__name__}"

@@ -170,4 +170,5 @@ class Servers:
 
     async def aclose(self) -> None:
         for server in self.all:
+            server.streams.close()
             await server.http.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class Received:
     path: str
     query: dict[str, list[str]]
     body: Any
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
 
 
 REASONS = {
@@ -62,19 +64,20 @@ REASONS = {
 class HTTPStandIn:
     """A tiny HTTP/1.1 server whose answers come from `self.answer(received)`."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
         self.in_flight = 0  # requests being answered now
         self.most_in_flight = 0  # the most ever answered at once
         self.abandoned = 0  # streams whose client closed the connection before their end
+        self.connections = 0  # connections accepted so far
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(started, port), daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(started, port, tls), daemon=True)
         self._thread.start()
         started.wait()
         self.port: int = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def answer(self, received: Received) -> Answer:
         raise NotImplementedError
@@ -98,15 +101,16 @@ class HTTPStandIn:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _serve(self, started: threading.Event, port: int) -> None:
+    def _serve(self, started: threading.Event, port: int, tls: ssl.SSLContext | None) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._connection, "127.0.0.1", port)
+            asyncio.start_server(self._connection, "127.0.0.1", port, ssl=tls)
         )
         started.set()
         self._loop.run_forever()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while received := await self._read_request(reader):
                 self.received.append(received)
@@ -138,7 +142,7 @@ class HTTPStandIn:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         url = urlsplit(target)
-        return Received(method, url.path, parse_qs(url.query), body)
+        return Received(method, url.path, parse_qs(url.query), body, headers)
 
     async def _write(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer
@@ -304,11 +308,11 @@ class OllamaStandIn(HTTPStandIn):
     `remembering_brain`; a test sets `script` to answer otherwise, one call per request.
     It has the `models` installed (others are 404, as Ollama says) and `loaded` in memory."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.script: Callable[[Received], Answer] | None = None
         self.models: set[str] = set(MODELS)
         self.loaded: set[str] = set()
-        super().__init__(port)
+        super().__init__(port, tls)
 
     def reset(self) -> None:
         self.script = None

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
 import httpx
 import psycopg
 import pytest
@@ -420,16 +419,18 @@ def test_a_reader_slower_than_the_timeout_is_not_taken_for_a_silent_ollama(ollam
     )
 
     async def read_slowly() -> list[bytes]:
-        async with aiohttp.ClientSession() as session:
-            streams = Streams(ollama.url, ollama.url, session, connect_timeout=5, timeout=0.5)
-            opened = await streams.open("/api/chat", b'{"model": "gemma3:270m"}')
-            lines = opened.lines()
-            try:
-                first = await anext(lines)
-                await asyncio.sleep(1.5)  # three timeouts without reading
-                return [first, *[line async for line in lines]]
-            finally:
-                await opened.aclose()
+        streams = Streams(
+            ollama.url, ollama.url, connect_timeout=5, timeout=0.5, max_connections=10
+        )
+        opened = await streams.open("/api/chat", b'{"model": "gemma3:270m"}')
+        lines = opened.lines()
+        try:
+            first = await anext(lines)
+            await asyncio.sleep(1.5)  # three timeouts without reading
+            return [first, *[line async for line in lines]]
+        finally:
+            await opened.aclose()
+            streams.close()
 
     lines = asyncio.run(read_slowly())
     contents = [json.loads(line)["message"]["content"] for line in lines]

@@ -1,21 +1,24 @@
-"""The hot path's parsing and framing, for any input (hypothesis): Ollama's NDJSON split into
-lines whatever the chunks, SSE events that a standard parser reads back as they were sent,
-and the notifications that tell workers of new events, always within PostgreSQL's limit."""
+"""The hot path's parsing and framing, for any input (hypothesis): Ollama's chunked answer
+undone and its NDJSON split into lines wherever the bytes are cut, SSE events that a
+standard parser reads back as they were sent, and the notifications that tell workers of
+new events, always within PostgreSQL's limit."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-from types import SimpleNamespace
 
 import httpx
+import pytest
 from httpx_sse import EventSource
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bus
 from eventstream import frame
-from ollama import Opened
+from ollama import Opened, Silence
+from ollama_http import ChunkedBody, Connection, Connections, ProtocolError
 
 json_text = st.text(st.characters(codec="utf-8"), max_size=40)
 ollama_line = st.fixed_dictionaries(
@@ -31,24 +34,76 @@ ollama_line = st.fixed_dictionaries(
 ).map(lambda line: json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-async def chunks(data: bytes, cuts: list[int]):
-    start = 0
-    for cut in [*sorted(cuts), len(data)]:
-        if cut > start:
-            yield data[start:cut]
-            start = cut
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` as it may arrive from a socket: in pieces, cut at `cuts`."""
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[start:end] for start, end in itertools.pairwise(bounds) if end > start]
+
+
+def chunked(payload: bytes, sizes: list[int]) -> bytes:
+    """`payload` framed as `Transfer-Encoding: chunked`, in chunks of about these sizes."""
+    framed, start = b"", 0
+    for size in [*sizes, len(payload)]:
+        piece = payload[start : start + max(size, 1)]
+        if piece:
+            framed += b"%x\r\n%s\r\n" % (len(piece), piece)
+        start += len(piece)
+    return framed + b"0\r\n\r\n"
 
 
 def lines_of(data: bytes, cuts: list[int]) -> list[bytes]:
-    """What Opened.lines() hands on, for `data` arriving cut at `cuts`."""
+    """What Opened.lines() hands on, for a chunked answer carrying `data` that arrives cut
+    at `cuts`: each piece fed to the connection as its transport would, one at a time."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(data, [7])
 
     async def read() -> list[bytes]:
-        pieces = chunks(data, cuts)
-        first = await anext(pieces)
-        response = SimpleNamespace(connection=None)  # aiohttp's, once all of it is in
-        return [line async for line in Opened(response, pieces, first, 1.0).lines()]  # type: ignore[arg-type]
+        connection = Connection(asyncio.get_running_loop())
+
+        async def arrive() -> None:
+            for piece in cut(answer, [c % len(answer) for c in cuts]):
+                connection.data_received(piece)
+                await asyncio.sleep(0)  # the reader takes what came
+
+        arriving = asyncio.create_task(arrive())
+        await connection.head()
+        first = await connection.read()
+        silence = Silence(connection, 10.0)
+        opened = Opened(Connections("http://127.0.0.1:9", limit=1), connection, first, silence)
+        try:
+            return [line async for line in opened.lines()]
+        finally:
+            silence.cancel()
+            await arriving
 
     return asyncio.run(read())
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=300), data=st.data())
+def test_a_chunked_answer_cut_at_any_byte_gives_back_its_payload(payload, data):
+    sizes = data.draw(st.lists(st.integers(1, 64), max_size=8))
+    framed = chunked(payload, sizes)
+    cuts = data.draw(st.lists(st.integers(1, len(framed) - 1), max_size=12, unique=True))
+    body = ChunkedBody()
+    pieces = [piece for part in cut(framed, cuts) for piece in body.feed(part)]
+    assert b"".join(pieces) == payload
+    assert body.done
+
+
+def test_a_chunked_answer_with_extensions_and_trailers_is_read_to_its_end():
+    body = ChunkedBody()
+    assert body.feed(b"5;name=value\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n") == [b"hello"]
+    assert body.done
+
+
+@pytest.mark.parametrize(
+    "framed",
+    [b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"0\r\n\r\nmore", b"1" * 2000],
+    ids=["size not hex", "no CRLF after the payload", "bytes after the end", "endless size line"],
+)
+def test_a_broken_chunked_answer_is_a_protocol_error(framed):
+    with pytest.raises(ProtocolError):
+        ChunkedBody().feed(framed)
 
 
 @settings(max_examples=200, deadline=None)
