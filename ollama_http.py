@@ -5,12 +5,14 @@ It carries the relay's hot path, once per token of every reply: a chunk goes fro
 socket (`data_received`) to its reader through one undoing of the chunked framing and one
 future. On aiohttp's request and stream reader, chatterd spent up to a sixth more CPU
 per relayed event, and added a third to a half more TTFT at 500 streams (README,
-Performance, stop 32). It does only what Ollama's streaming endpoints
-need: keep-alive connections, the newest reused first and idle ones closed after
-KEEPALIVE_SECONDS; at most `limit` connections per server; http and https; Basic
-credentials from the URL; answers chunked, sized, or read to the connection's end. No
-redirects, proxies or compression (none is asked for). Timeouts are the caller's: each
-connection says when it last heard from the server (`heard_at`), and `fail` ends a read.
+Performance, stop 32).
+
+It does only what Ollama's streaming endpoints need: keep-alive connections, the newest
+reused first and idle ones closed after KEEPALIVE_SECONDS; at most `limit` connections
+per server; http and https; Basic credentials from the URL; answers chunked, sized, or
+read to the connection's end. No redirects, proxies or compression (none is asked for).
+Timeouts are the caller's: each connection says when it last heard from the server
+(`heard_at`), and `fail` ends a read.
 """
 
 from __future__ import annotations
@@ -198,8 +200,6 @@ class Connection(asyncio.Protocol):
             self.fail(exc)
             self.close()
             return
-        if self.done:
-            self.reusable = self.reusable and not self.lost
         self._wake()
 
     def _read_head(self, data: bytes) -> bytes:
@@ -287,7 +287,7 @@ class Connections:
     def give_back(self, connection: Connection) -> None:
         """The connection's answer is over, read whole or not: keep it for the next request,
         if it may carry one, or close it (a server stops generating when its client leaves)."""
-        if connection.done and connection.reusable and not connection.lost:
+        if connection.done and connection.reusable:  # a lost connection is not reusable
             connection.idle_since = asyncio.get_running_loop().time()
             self._idle.append(connection)
         else:
